@@ -1,0 +1,260 @@
+"""Command line: `python -m mammo_core {train,evaluate,predict,models}`.
+
+The CLI calls the same functions as the app. Expected failures (bad image, bad dataset, bad model
+directory, bad option) print one clear line on stderr and exit non-zero, never a traceback.
+Exit status: 0 success; 1 failure; 2 `predict` rejected at least one input (or bad usage);
+130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .config import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_SEED, data_dir
+from .errors import MammoError
+
+EXIT_OK, EXIT_FAIL, EXIT_REJECTED, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _err(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import Cancelled, TrainConfig, train
+
+    dataset = args.data or data_dir()
+    if dataset is None:
+        _err("no dataset: pass --data DIR or set MAMMO_DATA_DIR.")
+        return EXIT_FAIL
+    patient_map = args.patient_map
+    if args.group_by == "patient" and patient_map is None:
+        from .data import default_patient_map
+
+        found = default_patient_map(dataset)
+        patient_map = str(found) if found else None
+    config = TrainConfig(
+        data_dir=str(dataset), name=args.name, architecture=args.arch, protocol=args.protocol,
+        group_by=args.group_by, patient_map=patient_map, epochs=args.epochs, batch_size=args.batch_size,
+        seed=args.seed, channels=args.channels, learning_rate=args.learning_rate,
+        max_steps_per_epoch=args.max_steps,
+    )
+    try:
+        train(config, root=args.weights, progress_path=args.progress_file,
+              log=(lambda m: print(m, file=sys.stderr)))
+    except Cancelled:
+        _err("training cancelled; no model was written.")
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        _err("training interrupted; no model was written.")
+        return EXIT_CANCELLED
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .registry import active_model_name, list_models
+
+    active = active_model_name(args.weights)
+    entries = list_models(args.weights)
+    if args.json:
+        for e in entries:
+            test = e.card.get("metrics", {}).get("test", {})
+            print(json.dumps({"name": e.name, "active": e.name == active, "architecture": e.card.get("architecture"),
+                              "protocol": e.card.get("split", {}).get("protocol"), "created": e.created,
+                              "test_auc": test.get("auc"), "test_accuracy": test.get("accuracy"), "problem": e.problem}))
+        return EXIT_OK
+    if not entries:
+        print("no models found")
+        return EXIT_OK
+    print(f"{'':2}{'name':32} {'architecture':18} {'split':8} {'test AUC':>8} {'test acc':>8}  created")
+    for e in entries:
+        test = e.card.get("metrics", {}).get("test", {})
+        mark = "* " if e.name == active else "  "
+        if e.problem:
+            print(f"{mark}{e.name:32} problem: {e.problem}")
+            continue
+        print(f"{mark}{e.name:32} {e.card.get('architecture', '?'):18} {e.card.get('split', {}).get('protocol', '?'):8} "
+              f"{test.get('auc', float('nan')):8.3f} {test.get('accuracy', float('nan')):8.3f}  {e.created}")
+    print("(* = active model, used by the app and by predict without --model)")
+    return EXIT_OK
+
+
+def _format_metrics(m: dict) -> str:
+    lines = [f"n={m['n']}  threshold={m['threshold']:.3f}  accuracy={m['accuracy']:.4f}  loss={m['loss']:.4f}  "
+             f"AUC={m['auc']:.4f}  sensitivity={m['sensitivity']:.4f}  specificity={m['specificity']:.4f}",
+             f"{'':14}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+    rows = [*m["per_class"].items(), ("macro avg", m["macro_avg"]), ("weighted avg", m["weighted_avg"])]
+    for name, r in rows:
+        lines.append(f"{name:14}{r['precision']:10.2f}{r['recall']:10.2f}{r['f1']:10.2f}{r['support']:10d}")
+    (tn, fp), (fn, tp) = m["confusion_matrix"]
+    lines.append(f"confusion matrix (rows true, cols predicted; benign, malignant): [[{tn}, {fp}], [{fn}, {tp}]]")
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .evaluate import compute_metrics
+    from .registry import PREDICTIONS_FILE, read_card, resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model, root=args.weights)
+    card = read_card(model_dir)
+    threshold = card.get("threshold", 0.5) if args.threshold is None else args.threshold
+    if args.data is None:
+        table = pd.read_csv(model_dir / PREDICTIONS_FILE)
+        source = f"{model_dir / PREDICTIONS_FILE} (the test split recorded at training)"
+    else:
+        table = _rescore_split(model_dir, card, Path(args.data), args.split)
+        source = f"{args.split} split of {args.data}, protocol {card['split']['protocol']}, re-scored now"
+    metrics = compute_metrics(table["label"], table["probability"], threshold=threshold)
+    if args.json:
+        print(json.dumps({"model": model_dir.name, "source": source, "metrics": metrics}))
+    else:
+        print(f"model {model_dir.name} ({card.get('architecture')}, split protocol {card.get('split', {}).get('protocol')})")
+        print(f"evaluated on {source}")
+        print(_format_metrics(metrics))
+        note = card.get("evaluation", {}).get("note")
+        if note:
+            print(f"note: {note}")
+    return EXIT_OK
+
+
+def _rescore_split(model_dir: Path, card: dict, dataset: Path, split: str):
+    import pandas as pd
+
+    from . import data as data_mod
+    from .predict import Predictor
+
+    cfg = card.get("config", {})
+    frame = data_mod.scan_dataset(dataset, patient_map=cfg.get("patient_map"))
+    frame = data_mod.assign_split(frame, protocol=card["split"]["protocol"], seed=card["split"]["seed"],
+                                  group_by=cfg.get("group_by", "source"))
+    part = frame[frame["split"] == split].reset_index(drop=True)
+    predictor = Predictor.load(model_dir)
+    images = data_mod.load_images(part["path"].tolist())
+    probs, _ = predictor.score_arrays(images, with_cam=False)
+    return pd.DataFrame({"label": part["label"], "probability": probs})
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .data import expand_inputs
+    from .predict import Predictor, score_paths
+
+    paths = expand_inputs(args.paths)
+    if not paths:
+        _err("no image files found in the given paths.")
+        return EXIT_REJECTED
+    predictor = Predictor.load(args.model, root=args.weights)
+    outdir = Path(args.gradcam) if args.gradcam else None
+    if outdir is not None:
+        outdir.mkdir(parents=True, exist_ok=True)
+    rejected = 0
+    bar = None
+    if not args.no_progress and len(paths) > 1 and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), unit="img", file=sys.stderr)
+    last = [0]
+
+    def progress(n: int) -> None:
+        if bar is not None:
+            bar.update(n - last[0])
+            last[0] = n
+
+    for pred in score_paths(predictor, paths, with_cam=outdir is not None, keep_images=outdir is not None,
+                            batch_size=args.batch_size, progress=progress):
+        if pred.error is not None:
+            rejected += 1
+        elif outdir is not None:
+            _save_overlay(pred, outdir)
+        if args.json:
+            print(json.dumps(pred.to_json(predictor.name)), flush=True)
+        elif pred.error is not None:
+            print(f"{pred.name}\terror: {pred.error}", flush=True)
+        else:
+            print(f"{pred.name}\t{pred.probability:.4f}\t{pred.label}", flush=True)
+    if bar is not None:
+        bar.close()
+    return EXIT_REJECTED if rejected else EXIT_OK
+
+
+def _save_overlay(pred, outdir: Path) -> None:
+    from PIL import Image
+
+    from .explain import overlay
+
+    target = outdir / (Path(pred.name).stem + "_gradcam.png")
+    Image.fromarray(overlay(pred.image.pixels, pred.heatmap)).save(target)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import GROUP_BY, PROTOCOLS
+    from .model import ARCHITECTURES
+
+    parser = argparse.ArgumentParser(prog="python -m mammo_core",
+                                     description="Mammogram benign/malignant CNN: train, evaluate, predict. A research tool, not a diagnostic device.")
+    parser.add_argument("--weights", type=Path, default=None, help="models folder (default: the repository's weights/, or $MAMMO_WEIGHTS_DIR)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model and write a model directory under weights/")
+    p.add_argument("--data", type=Path, default=None, help="dataset folder (default: $MAMMO_DATA_DIR)")
+    p.add_argument("--name", required=True, help="name of the new model directory (never overwrites one)")
+    p.add_argument("--arch", default="paper-cnn", choices=sorted(ARCHITECTURES), help="architecture (default: paper-cnn)")
+    p.add_argument("--protocol", default="grouped", choices=PROTOCOLS, help="paper: the dataset's split folders; grouped: 50/25/25 by group (default)")
+    p.add_argument("--group-by", default="source", choices=GROUP_BY, help="grouping unit for the grouped protocol (default: source image)")
+    p.add_argument("--patient-map", default=None, help="CSV image_id,patient_id (default with --group-by patient: the dataset's patients.csv)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--channels", type=int, default=1, choices=(1, 3), help="1 = grayscale (default); 3 = RGB copies as the authors did")
+    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="cap batches per epoch (smoke tests)")
+    p.add_argument("--progress-file", type=Path, default=None, help="write live progress JSON here")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="Table 1 metrics of a model, from its recorded test predictions or by re-scoring a split")
+    p.add_argument("--model", default=None, help="model name or directory (default: the active model)")
+    p.add_argument("--data", type=Path, default=None, help="re-score this dataset's split instead of reading test_predictions.csv")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the card's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="score images or folders; one line per input")
+    p.add_argument("paths", nargs="+", help="image files (PNG, JPEG, TIFF, BMP, DICOM) or folders")
+    p.add_argument("--model", default=None, help="model name or directory (default: the active model)")
+    p.add_argument("--gradcam", default=None, metavar="OUTDIR", help="write Grad-CAM overlays here")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("models", help="list the models in weights/")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_tensorflow()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MammoError as exc:
+        _err(str(exc))
+        return EXIT_FAIL
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        _err(str(exc))
+        return EXIT_FAIL
+    except BrokenPipeError:
+        return EXIT_OK

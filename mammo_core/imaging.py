@@ -1,0 +1,278 @@
+"""Read an image file or upload into a 2-D 8-bit grayscale array, and turn it into model input.
+
+One entry point, `load_image`, serves the CLI, the app and training, so every path into the
+model decodes, converts to grayscale, brings high bit depths to 8 bits and resizes the same way.
+
+Accepted: PNG, JPEG, TIFF (first page), BMP and DICOM (see `mammo_core.dicom`). Anything else,
+and empty, truncated, damaged, too large (decompression bombs) or too small input, raises
+`ImageReadError` naming the file.
+
+Grayscale: colour is converted with ITU-R 601-2 luma; transparency is composited onto black
+(a mammogram's background); palette images are expanded first.
+
+8-bit rule, the same for every format: 8-bit data is used as stored (the training images are
+8-bit and must not be stretched). Higher bit depths (16-bit PNG/TIFF, 32-bit integer or float
+TIFF, DICOM) are mapped linearly to 0..255: with a window, the window's range; without one, the
+image's own minimum and maximum. Only DICOM carries a window (or VOI LUT); see `mammo_core.dicom`.
+
+Resizing convention: the whole image is resized to IMAGE_SIZE x IMAGE_SIZE *without* keeping the
+aspect ratio (no padding), with PIL's antialiased bilinear filter. The training images are already
+224x224 whole-breast cut-outs, made that way upstream, so a stretched resize is what the model saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from .config import IMAGE_SIZE
+from .errors import ImageReadError
+
+#: Largest image accepted, in pixels. Full-field digital mammograms are 3000x4000 to 4600x2800
+#: (about 13 MP); 80 MP admits them with room while refusing decompression bombs. It is below
+#: PIL's own bomb limit (Image.MAX_IMAGE_PIXELS, ~89 MP), so the check below is the one that bites.
+MAX_PIXELS: int = 80_000_000
+
+#: Smallest side accepted, in pixels: below this there is nothing to classify.
+MIN_SIDE: int = 32
+
+#: PIL formats tried. Restricting them keeps PIL from handing odd inputs to risky or irrelevant
+#: decoders (EPS through Ghostscript, PSD, ICO...). "MPO" is how PIL names some camera JPEGs.
+PIL_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "TIFF", "BMP")
+
+#: Extensions whose content must be DICOM; used only to word the error for a non-DICOM file.
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+
+#: Rows are scaled in blocks of about this many pixels, so converting a large float or 32-bit
+#: image never holds more than a few megabytes of float64 temporaries.
+_BLOCK_PIXELS = 1 << 20
+
+Source = Union[str, Path, bytes, bytearray, memoryview]
+
+@dataclass
+class LoadedImage:
+    """A decoded image: `pixels` is a 2-D uint8 array (rows, columns); `metadata` describes the source.
+
+    `metadata` never holds patient identifiers: only format, size, mode and bit depth (and, for
+    DICOM, technical attributes such as photometric interpretation and the window applied).
+    """
+
+    pixels: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_source(source: Source, name: str | None) -> tuple[bytes, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), name or "<upload>"
+    path = Path(source)
+    label = name or str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageReadError(f"{label}: file not found.") from None
+    except IsADirectoryError:
+        raise ImageReadError(f"{label}: is a folder, not an image file.") from None
+    except OSError as exc:
+        raise ImageReadError(f"{label}: cannot be read ({exc.strerror or exc}).") from None
+    return data, label
+
+
+def is_dicom_bytes(data: bytes) -> bool:
+    """True when the bytes carry the DICOM Part 10 preamble marker ('DICM' at offset 128)."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map `values` linearly so that `low` -> 0 and `high` -> 255, clipping outside, rounding.
+
+    `high < low` gives the reversed mapping; `high == low` gives zeros. NaN maps to 0. Used by
+    `to_uint8` and by the DICOM pipeline, so every format shares one rounding rule.
+    """
+    values = np.asarray(values)
+    if values.ndim == 0 or values.size == 0:
+        return _scale_block(values.astype(np.float64), low, high)
+    if values.dtype.kind in "ui" and values.dtype.itemsize <= 2 and values.size > 65536:
+        # Cheaper as one lookup over every representable value than as float arithmetic.
+        unsigned = np.dtype(f"u{values.dtype.itemsize}")
+        domain = np.arange(2 ** (8 * values.dtype.itemsize), dtype=unsigned).view(values.dtype)
+        return _scale_block(domain.astype(np.float64), low, high)[values.view(unsigned)]
+    out = np.empty(values.shape, dtype=np.uint8)
+    flat_in, flat_out = values.reshape(-1), out.reshape(-1)
+    for start in range(0, flat_in.size, _BLOCK_PIXELS):
+        block = flat_in[start : start + _BLOCK_PIXELS].astype(np.float64)
+        flat_out[start : start + _BLOCK_PIXELS] = _scale_block(block, low, high)
+    return out
+
+
+def _scale_block(block: np.ndarray, low: float, high: float) -> np.ndarray:
+    if high == low or not (np.isfinite(low) and np.isfinite(high)):
+        return np.zeros(block.shape, dtype=np.uint8)
+    with np.errstate(invalid="ignore", over="ignore"):
+        block = (block - low) * (255.0 / (high - low))
+        np.clip(block, 0.0, 255.0, out=block)
+        np.nan_to_num(block, copy=False, nan=0.0)
+        np.rint(block, out=block)
+    return block.astype(np.uint8)
+
+
+def to_uint8(array: np.ndarray, *, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Bring a 2-D array of any numeric type to uint8, the same way for every format.
+
+    uint8 input without a window is returned unchanged (the training images are 8-bit and must
+    not be stretched). With `window=(center, width)` the range center +- width/2 maps to 0..255;
+    without it the image's own finite minimum and maximum do. A constant image maps to zeros.
+    """
+    array = np.asarray(array)
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if array.dtype == np.uint8 and window is None:
+        return array
+    if window is not None:
+        center, width = float(window[0]), max(float(window[1]), 1.0)
+        return scale_to_uint8(array, center - width / 2.0, center + width / 2.0)
+    if array.size == 0:
+        return np.zeros(array.shape, dtype=np.uint8)
+    if array.dtype.kind == "f":
+        finite = array[np.isfinite(array)] if not np.isfinite(array).all() else array
+        if finite.size == 0:
+            return np.zeros(array.shape, dtype=np.uint8)
+        low, high = float(finite.min()), float(finite.max())
+    else:
+        low, high = float(array.min()), float(array.max())
+    return scale_to_uint8(array, low, high)
+
+
+def _check_size(width: int, height: int, label: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageReadError(
+            f"{label}: image is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{MAX_PIXELS:,}; refusing it as a possible decompression bomb."
+        )
+    if min(width, height) < MIN_SIDE:
+        raise ImageReadError(
+            f"{label}: image is only {width}x{height} pixels; at least {MIN_SIDE} pixels per side "
+            "are needed."
+        )
+
+
+#: PIL mode -> bit depth reported in metadata.
+_MODE_DEPTH = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
+
+
+def _pil_to_gray(img: Image.Image) -> np.ndarray:
+    """Convert any PIL image to a 2-D array, keeping 16/32-bit depth where the file has it."""
+    mode = img.mode
+    if mode.startswith("I;16"):
+        return np.asarray(img).astype(np.uint16, copy=False)  # I;16B is big-endian: make it native
+    if mode == "I":
+        return np.asarray(img, dtype=np.int32)
+    if mode == "F":
+        return np.asarray(img, dtype=np.float32)
+    if mode == "1":
+        img = img.convert("L")
+    elif mode in ("P", "PA"):
+        img = img.convert("RGBA" if ("transparency" in img.info or mode == "PA") else "RGB")
+    if img.mode in ("LA", "La", "RGBA", "RGBa"):
+        # Composite transparency onto black: a mammogram's background is black.
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    if img.mode not in ("L", "RGB", "RGBA"):
+        img = img.convert("RGB")  # CMYK, YCbCr, LAB...: through RGB, as PIL displays them
+    if img.mode != "L":
+        img = img.convert("L")  # ITU-R 601-2 luma
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _decode_pil(data: bytes, label: str) -> LoadedImage:
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Truncated files must fail, never be padded with grey; this switch is process-wide.
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True; it must stay False.")
+    try:
+        with Image.open(BytesIO(data), formats=PIL_FORMATS) as img:
+            width, height = img.size
+            _check_size(width, height, label)  # from the header, before any pixel is decoded
+            fmt, mode = img.format, img.mode
+            img.load()  # decode now, so a truncated file fails here (LOAD_TRUNCATED_IMAGES is off)
+            array = _pil_to_gray(img)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        if label.lower().endswith(_DICOM_SUFFIXES):
+            raise ImageReadError(
+                f"{label}: named as DICOM but has no DICOM Part 10 header ('DICM' at byte 128); "
+                "re-export it as a standard DICOM file."
+            ) from None
+        raise ImageReadError(
+            f"{label}: not a readable image (the content is not PNG, JPEG, TIFF, BMP or DICOM)."
+        ) from None
+    except Image.DecompressionBombError:
+        raise ImageReadError(
+            f"{label}: image dimensions are over the limit of {MAX_PIXELS:,} pixels; refusing it as a "
+            "possible decompression bomb."
+        ) from None
+    except MemoryError:
+        raise ImageReadError(f"{label}: image is too large to decode in the available memory.") from None
+    except Exception as exc:  # PIL plugins raise OSError, SyntaxError, ValueError, struct.error...
+        raise ImageReadError(f"{label}: image data is damaged or truncated ({exc}).") from None
+    if array.shape != (height, width):
+        raise ImageReadError(f"{label}: decoded to shape {array.shape}, expected ({height}, {width}).")
+    return LoadedImage(
+        pixels=to_uint8(array),
+        metadata={
+            "format": fmt,
+            "mode": mode,
+            "width": width,
+            "height": height,
+            "bit_depth": _MODE_DEPTH.get(mode, 8),
+        },
+    )
+
+
+def load_image(source: Source, *, name: str | None = None) -> LoadedImage:
+    """Decode a path or bytes into a 2-D uint8 grayscale image.
+
+    Args:
+        source: a file path, or the file's bytes (an upload).
+        name: how to name the source in error messages (defaults to the path, or "<upload>").
+
+    Returns:
+        LoadedImage with `pixels` (H, W) uint8 and technical `metadata`.
+
+    Raises:
+        ImageReadError: empty, truncated, unreadable, too large or too small input.
+
+    Example:
+        >>> loaded = load_image("scan.dcm")          # doctest: +SKIP
+        >>> loaded.pixels.shape, loaded.metadata["format"]  # doctest: +SKIP
+        ((4084, 3328), 'DICOM')
+    """
+    data, label = _read_source(source, name)
+    if not data:
+        raise ImageReadError(f"{label}: file is empty (0 bytes).")
+    if is_dicom_bytes(data):
+        from .dicom import decode_dicom  # pydicom is imported only when a DICOM arrives
+
+        return decode_dicom(data, label)
+    return _decode_pil(data, label)
+
+
+def resize_for_model(pixels: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Resize a 2-D uint8 image to size x size (aspect not kept, see module docstring)."""
+    if pixels.shape == (size, size):
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def preprocess(pixels: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """2-D uint8 image -> (size, size, 1) float32 in [0, 1], exactly what the model was trained on."""
+    return (resize_for_model(pixels, size).astype(np.float32) / 255.0)[..., None]
+
+
+def load_for_model(source: Source, *, name: str | None = None) -> np.ndarray:
+    """Shortcut: decode and resize to a (IMAGE_SIZE, IMAGE_SIZE) uint8 array."""
+    return resize_for_model(load_image(source, name=name).pixels)

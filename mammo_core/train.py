@@ -1,0 +1,333 @@
+"""Train a model on a dataset split and write a complete model directory, safely.
+
+The directory is built under a hidden temporary name (`weights/.tmp-<name>-<pid>`) and renamed
+into place only once `model.keras`, `card.json`, `history.csv` and the predictions are all
+written; a crash, a cancel (SIGTERM/Ctrl-C) or a full disk leaves every existing model untouched.
+One training runs at a time, guarded by an `flock` lock the kernel releases when its holder dies,
+so a killed run never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as dt
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+
+from . import data as data_mod
+from .config import (CLASS_NAMES, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_SEED, DEFAULT_THRESHOLD,
+                     IMAGE_SIZE, weights_dir)
+from .errors import DatasetError, MammoError, TrainingBusyError
+from .evaluate import compute_metrics
+from .registry import (CARD_FILE, HISTORY_FILE, MODEL_FILE, PREDICTIONS_FILE, atomic_write_text, sha256_file,
+                       write_card)
+
+LOCK_FILE = ".train.lock"
+VAL_PREDICTIONS_FILE = "val_predictions.csv"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+
+PAPER_SPLIT_NOTE = (
+    "Paper split: copies of every source image are in train, validation and test, so these test "
+    "numbers measure recognition of augmented copies of training images, not performance on new "
+    "mammograms. Use them only to compare with the paper."
+)
+GROUPED_SPLIT_NOTE = (
+    "Grouped split: every {unit} has all its copies on one side (train, validation or test), so the "
+    "test numbers estimate performance on mammograms the model has never seen. They rest on few "
+    "{unit}s, so expect wide uncertainty."
+)
+
+
+class Cancelled(MammoError):
+    """Training was cancelled (SIGTERM or Ctrl-C); nothing was written."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; stored in the model card."""
+
+    data_dir: str
+    name: str
+    architecture: str = "paper-cnn"
+    protocol: str = "grouped"
+    group_by: str = "source"
+    patient_map: str | None = None
+    epochs: int = DEFAULT_EPOCHS
+    batch_size: int = DEFAULT_BATCH_SIZE
+    seed: int = DEFAULT_SEED
+    channels: int = 1
+    learning_rate: float | None = None
+    max_steps_per_epoch: int | None = None  # for smoke tests; None trains on every batch
+
+    def validate(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise ValueError(
+                f"model name {self.name!r} must start with a letter or digit and use only letters, digits, '.', '_' or '-'"
+            )
+        if self.protocol not in data_mod.PROTOCOLS:
+            raise ValueError(f"protocol must be one of {data_mod.PROTOCOLS}, got {self.protocol!r}")
+        if self.group_by not in data_mod.GROUP_BY:
+            raise ValueError(f"group_by must be one of {data_mod.GROUP_BY}, got {self.group_by!r}")
+        if self.group_by == "patient" and not self.patient_map:
+            raise ValueError("grouping by patient needs a patient map (--patient-map)")
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+
+
+@contextlib.contextmanager
+def training_lock(root: Path) -> Iterator[None]:
+    """Hold the one-training-at-a-time lock in `root`; TrainingBusyError if another run holds it."""
+    root.mkdir(parents=True, exist_ok=True)
+    fh = open(root / LOCK_FILE, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise TrainingBusyError(f"a training run is already in progress ({holder}); wait for it or cancel it.") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} since {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # closing releases the flock
+
+
+def training_in_progress(root: Path | None = None) -> bool:
+    """True when some process holds the training lock."""
+    root = Path(root) if root is not None else weights_dir()
+    path = root / LOCK_FILE
+    if not path.exists():
+        return False
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return False
+
+
+@contextlib.contextmanager
+def _sigterm_cancels() -> Iterator[None]:
+    """Turn SIGTERM into a Cancelled exception so cleanup runs (main thread only)."""
+    def handler(signum, frame):  # noqa: ARG001
+        raise Cancelled("training cancelled")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _progress_callback(progress_path: Path | None, history_path: Path, epochs: int, steps: int,
+                       on_progress: Callable[[dict], None] | None):
+    import keras
+
+    class Progress(keras.callbacks.Callback):
+        """Write history.csv after each epoch and progress.json (epoch, step, logs) at most twice a second."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[dict[str, Any]] = []
+            self.epoch = 0
+            self.last = 0.0
+            self.start = time.time()
+
+        def _write(self, step: int, logs: dict | None, force: bool = False) -> None:
+            now = time.time()
+            if not force and now - self.last < 0.5:
+                return
+            self.last = now
+            state = {
+                "state": "running", "epoch": self.epoch + 1, "epochs": epochs, "step": step, "steps": steps,
+                "logs": {k: float(v) for k, v in (logs or {}).items()}, "elapsed_s": round(now - self.start, 1),
+                "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "history": self.rows,
+            }
+            if progress_path is not None:
+                atomic_write_text(progress_path, json.dumps(state))
+            if on_progress is not None:
+                on_progress(state)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+            self._write(0, logs, force=True)
+
+        def on_train_batch_end(self, batch, logs=None):
+            self._write(batch + 1, logs)
+
+        def on_epoch_end(self, epoch, logs=None):
+            row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+            self.rows.append(row)
+            pd.DataFrame(self.rows).to_csv(history_path, index=False)
+            self._write(steps, logs, force=True)
+
+    return Progress()
+
+
+def _split_summary(frame: pd.DataFrame) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for split in data_mod.SPLITS:
+        part = frame[frame["split"] == split]
+        out[split] = {
+            "images": int(len(part)),
+            **{name: int((part["label"] == i).sum()) for i, name in enumerate(CLASS_NAMES)},
+            "source_images": int(part["group"].nunique()),
+            "patients": int(part["patient"].nunique()),
+        }
+    groups = {s: set(frame.loc[frame["split"] == s, "group"]) for s in data_mod.SPLITS}
+    out["shared_source_images"] = {
+        "train-val": len(groups["train"] & groups["val"]),
+        "train-test": len(groups["train"] & groups["test"]),
+        "val-test": len(groups["val"] & groups["test"]),
+    }
+    return out
+
+
+def _predictions_table(part: pd.DataFrame, probs: np.ndarray, root: Path) -> pd.DataFrame:
+    return pd.DataFrame({
+        "path": [os.path.relpath(p, root) for p in part["path"]],
+        "group": part["group"].to_numpy(),
+        "patient": part["patient"].to_numpy(),
+        "label": part["label"].to_numpy(),
+        "probability": probs.astype(float),
+    })
+
+
+def train(config: TrainConfig, *, root: str | Path | None = None, progress_path: str | Path | None = None,
+          on_progress: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> Path:
+    """Train `config.architecture` and write `root/<config.name>/`. Returns the model directory.
+
+    Raises ValueError for a bad option, DatasetError for a bad dataset, TrainingBusyError when
+    another run holds the lock, FileExistsError when the name is taken, Cancelled on SIGTERM.
+    """
+    config.validate()
+    root = Path(root) if root is not None else weights_dir()
+    final_dir = root / config.name
+    if final_dir.exists():
+        raise FileExistsError(f"{final_dir}: a model with this name exists; choose another name (existing models are never overwritten).")
+    progress_path = Path(progress_path) if progress_path is not None else None
+    with training_lock(root), _sigterm_cancels():
+        tmp_dir = root / f".tmp-{config.name}-{os.getpid()}"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+        try:
+            card = _train_into(config, tmp_dir, root, progress_path, on_progress, log)
+            if final_dir.exists():
+                raise FileExistsError(f"{final_dir}: appeared while training; the new model is discarded.")
+            os.rename(tmp_dir, final_dir)
+        except BaseException as exc:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            if progress_path is not None:
+                state = "cancelled" if isinstance(exc, (Cancelled, KeyboardInterrupt)) else "failed"
+                with contextlib.suppress(OSError):
+                    atomic_write_text(progress_path, json.dumps({"state": state, "error": str(exc)}))
+            raise
+    if progress_path is not None:
+        atomic_write_text(progress_path, json.dumps({"state": "finished", "model": config.name,
+                                                     "metrics": card["metrics"]["test"]}))
+    log(f"model written to {final_dir}")
+    return final_dir
+
+
+def _train_into(config: TrainConfig, out: Path, root: Path, progress_path: Path | None,
+                on_progress: Callable[[dict], None] | None, log: Callable[[str], None]) -> dict[str, Any]:
+    import keras
+
+    from .model import build_model, get_architecture
+    from .predict import predict_arrays
+
+    data_root = Path(config.data_dir)
+    frame = data_mod.scan_dataset(data_root, patient_map=config.patient_map)
+    frame = data_mod.assign_split(frame, protocol=config.protocol, seed=config.seed, group_by=config.group_by)
+    parts = {s: frame[frame["split"] == s].reset_index(drop=True) for s in data_mod.SPLITS}
+    for s, part in parts.items():
+        if part["label"].nunique() < 2:
+            raise DatasetError(f"{data_root}: the {s} split has only one class; it needs both benign and malignant images.")
+    log(f"decoding {len(frame)} images from {data_root} ...")
+    t0 = time.time()
+    images = {s: data_mod.load_images(part["path"].tolist()) for s, part in parts.items()}
+    log(f"decoded in {time.time() - t0:.1f} s; train {len(parts['train'])}, val {len(parts['val'])}, test {len(parts['test'])}")
+
+    keras.utils.set_random_seed(config.seed)
+    arch = get_architecture(config.architecture)
+    model = build_model(config.architecture, channels=config.channels, learning_rate=config.learning_rate)
+    train_ds = data_mod.make_tf_dataset(images["train"], parts["train"]["label"], batch_size=config.batch_size,
+                                        shuffle=True, seed=config.seed, channels=config.channels)
+    val_ds = data_mod.make_tf_dataset(images["val"], parts["val"]["label"], batch_size=config.batch_size,
+                                      channels=config.channels)
+    steps = int(np.ceil(len(parts["train"]) / config.batch_size))
+    if config.max_steps_per_epoch:
+        steps = min(steps, config.max_steps_per_epoch)
+        train_ds = train_ds.take(steps)
+    progress = _progress_callback(progress_path, out / HISTORY_FILE, config.epochs, steps, on_progress)
+    t0 = time.time()
+    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[progress], verbose=0)
+    fit_seconds = time.time() - t0
+    trained_images = config.epochs * min(len(parts["train"]), steps * config.batch_size)
+
+    preds = {}
+    for split in ("val", "test"):
+        probs = predict_arrays(model, images[split], channels=config.channels, batch_size=128)
+        preds[split] = _predictions_table(parts[split], probs, data_root)
+    preds["test"].to_csv(out / PREDICTIONS_FILE, index=False)
+    preds["val"].to_csv(out / VAL_PREDICTIONS_FILE, index=False)
+    metrics = {s: compute_metrics(p["label"], p["probability"], threshold=DEFAULT_THRESHOLD) for s, p in preds.items()}
+
+    model.save(out / MODEL_FILE)
+    unit = "source image" if config.group_by == "source" else "patient"
+    note = PAPER_SPLIT_NOTE if config.protocol == "paper" else GROUPED_SPLIT_NOTE.format(unit=unit)
+    card: dict[str, Any] = {
+        "name": config.name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "architecture": config.architecture,
+        "architecture_description": arch.description,
+        "parameters": int(model.count_params()),
+        "input_shape": [IMAGE_SIZE, IMAGE_SIZE, config.channels],
+        "preprocessing": "grayscale, 8-bit, resized to 224x224 without keeping aspect (mammo_core.imaging), scaled to [0, 1]",
+        "class_names": list(CLASS_NAMES),
+        "dataset": {"path": str(data_root), **data_mod.fingerprint(frame, data_root),
+                    "patient_map": config.patient_map},
+        "split": {"protocol": config.protocol, "group_by": config.group_by if config.protocol == "grouped" else None,
+                  "seed": config.seed, **_split_summary(frame)},
+        "training": {
+            "epochs": config.epochs, "batch_size": config.batch_size, "seed": config.seed,
+            "optimizer": arch.optimizer, "learning_rate": config.learning_rate or arch.learning_rate,
+            "loss": "binary_crossentropy", "validation": "val split (never the test split)",
+            "steps_per_epoch": steps, "fit_seconds": round(fit_seconds, 1),
+            "images_per_second": round(trained_images / fit_seconds, 1) if fit_seconds else None,
+            "final_epoch": progress.rows[-1] if progress.rows else None,
+        },
+        "threshold": DEFAULT_THRESHOLD,
+        "evaluation": {"protocol": config.protocol, "note": note},
+        "metrics": metrics,
+        "config": asdict(config),
+    }
+    card["model_sha256"] = sha256_file(out / MODEL_FILE)
+    write_card(out, card)
+    m = metrics["test"]
+    log(f"test: accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, AUC {m['auc']:.4f}")
+    return card
