@@ -125,6 +125,24 @@ def training_in_progress(root: Path | None = None) -> bool:
         return False
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_tmp_dirs(root: Path) -> None:
+    """Delete half-written model directories left by killed runs (we hold the lock, so none is live)."""
+    for path in root.glob(".tmp-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if path.is_dir() and (not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid()):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _sigterm_cancels() -> Iterator[None]:
     """Turn SIGTERM into a Cancelled exception so cleanup runs (main thread only)."""
@@ -231,6 +249,7 @@ def train(config: TrainConfig, *, root: str | Path | None = None, progress_path:
         raise FileExistsError(f"{final_dir}: a model with this name exists; choose another name (existing models are never overwritten).")
     progress_path = Path(progress_path) if progress_path is not None else None
     with training_lock(root), _sigterm_cancels():
+        _remove_stale_tmp_dirs(root)
         tmp_dir = root / f".tmp-{config.name}-{os.getpid()}"
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_dir.mkdir(parents=True)

@@ -1,0 +1,169 @@
+"""Training writes complete model directories and never loses or overwrites an existing one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from mammo_core import registry  # noqa: E402
+from mammo_core.errors import ModelDirError, TrainingBusyError  # noqa: E402
+from mammo_core.train import TrainConfig, train, training_in_progress, training_lock  # noqa: E402
+
+from .factories import make_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds", sources_per_class=4, copies=6)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("weights")
+    cfg = TrainConfig(data_dir=str(tiny_dataset), name="tiny", protocol="paper", epochs=2, batch_size=8)
+    return train(cfg, root=root, log=lambda m: None), root
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: registry.sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_model_directory_is_complete(trained):
+    model_dir, root = trained
+    assert {"model.keras", "card.json", "history.csv", "test_predictions.csv"} <= {p.name for p in model_dir.iterdir()}
+    card = registry.read_card(model_dir)
+    for key in ("name", "created", "architecture", "input_shape", "dataset", "split", "training", "threshold",
+                "model_sha256", "metrics", "evaluation"):
+        assert key in card, key
+    assert card["model_sha256"] == registry.sha256_file(model_dir / "model.keras")
+    assert card["dataset"]["n_files"] == 48 and len(card["dataset"]["sha256"]) == 64
+    assert card["split"]["protocol"] == "paper"
+    assert card["split"]["shared_source_images"]["train-test"] == 8  # the paper layout leaks by construction
+    test = card["metrics"]["test"]
+    for key in ("loss", "accuracy", "auc", "per_class", "macro_avg", "weighted_avg", "confusion_matrix"):
+        assert key in test
+    assert set(test["per_class"]) == {"benign", "malignant"}
+    history = pd.read_csv(model_dir / "history.csv")
+    assert history["epoch"].tolist() == [1, 2] and "val_loss" in history
+    preds = pd.read_csv(model_dir / "test_predictions.csv")
+    assert list(preds.columns) == ["path", "group", "patient", "label", "probability"]
+    assert len(preds) == test["n"] == 16
+    assert not any(p.name.startswith(".tmp") for p in root.iterdir())
+
+
+def test_recorded_predictions_match_reloaded_model(trained, tiny_dataset):
+    from mammo_core.predict import Predictor
+
+    model_dir, _ = trained
+    preds = pd.read_csv(model_dir / "test_predictions.csv")
+    predictor = Predictor.load(model_dir)
+    results = list(predictor.score_many([(tiny_dataset / p, None) for p in preds["path"]], with_cam=False))
+    got = [r.probability for r in results]
+    assert got == pytest.approx(preds["probability"].tolist(), abs=1e-5)
+
+
+def test_existing_model_is_never_overwritten(trained, tiny_dataset):
+    model_dir, root = trained
+    before = snapshot(model_dir)
+    cfg = TrainConfig(data_dir=str(tiny_dataset), name="tiny", protocol="paper", epochs=1, batch_size=8)
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        train(cfg, root=root, log=lambda m: None)
+    assert snapshot(model_dir) == before
+
+
+def test_bad_options_are_refused(tiny_dataset, tmp_path):
+    for kwargs, match in [({"name": "../evil"}, "model name"), ({"name": "ok", "epochs": 0}, "epochs"),
+                          ({"name": "ok", "protocol": "random"}, "protocol"),
+                          ({"name": "ok", "group_by": "patient"}, "patient map")]:
+        with pytest.raises(ValueError, match=match):
+            train(TrainConfig(data_dir=str(tiny_dataset), **kwargs), root=tmp_path, log=lambda m: None)
+
+
+def test_one_training_at_a_time(tiny_dataset, tmp_path):
+    with training_lock(tmp_path):
+        assert training_in_progress(tmp_path)
+        with pytest.raises(TrainingBusyError, match="already in progress"):
+            train(TrainConfig(data_dir=str(tiny_dataset), name="second", epochs=1), root=tmp_path, log=lambda m: None)
+    assert not training_in_progress(tmp_path)
+
+
+def test_corrupted_model_is_detected_and_fallback_used(trained, tmp_path):
+    import shutil
+
+    model_dir, _ = trained
+    root = tmp_path / "w"
+    shutil.copytree(model_dir, root / "good")
+    shutil.copytree(model_dir, root / "bad")
+    card = registry.read_card(root / "bad")
+    card["created"] = "2999-01-01T00:00:00+00:00"  # newest, so it would be preferred
+    registry.write_card(root / "bad", card)
+    data = bytearray((root / "bad" / "model.keras").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (root / "bad" / "model.keras").write_bytes(bytes(data))
+    with pytest.raises(ModelDirError, match="does not match"):
+        registry.load_model(root / "bad")
+    registry.atomic_write_text(root / "ACTIVE", "bad\n")
+    model, card, used, warnings = registry.load_model_with_fallback(root=root)
+    assert used.name == "good"
+    assert any("does not match" in w for w in warnings) and any("Using good" in w for w in warnings)
+
+
+def _start_training(weights: Path, dataset: Path, name: str, progress: Path, epochs: int = 200):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "mammo_core", "--weights", str(weights), "train", "--data", str(dataset),
+         "--name", name, "--protocol", "paper", "--epochs", str(epochs), "--batch-size", "8",
+         "--progress-file", str(progress)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def _wait_running(proc, progress: Path, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        if progress.exists() and json.loads(progress.read_text()).get("state") == "running":
+            return
+        time.sleep(0.2)
+    raise AssertionError("training did not start in time")
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_killed_or_cancelled_training_loses_nothing(trained, tiny_dataset, tmp_path, how):
+    import shutil
+
+    model_dir, _ = trained
+    root = tmp_path / "w"
+    shutil.copytree(model_dir, root / "tiny")
+    registry.atomic_write_text(root / "ACTIVE", "tiny\n")
+    before = snapshot(root / "tiny")
+    progress = tmp_path / "progress.json"
+    proc = _start_training(root, tiny_dataset, "new", progress)
+    _wait_running(proc, progress)
+    proc.send_signal(getattr(signal, how))
+    code = proc.wait(timeout=60)
+    if how == "SIGTERM":
+        assert code == 130
+        assert json.loads(progress.read_text())["state"] == "cancelled"
+        assert not list(root.glob(".tmp-*"))
+    assert not (root / "new").exists()
+    assert snapshot(root / "tiny") == before
+    assert registry.active_model_name(root) == "tiny"
+    assert not training_in_progress(root)
+    # a new run starts, cleans any half-written directory and completes
+    new_dir = train(TrainConfig(data_dir=str(tiny_dataset), name="new", protocol="paper", epochs=1, batch_size=8),
+                    root=root, log=lambda m: None)
+    assert registry.verify_model_dir(new_dir)["name"] == "new"
+    assert not list(root.glob(".tmp-*"))
