@@ -42,8 +42,8 @@ MAX_PIXELS: int = 80_000_000
 MIN_SIDE: int = 32
 
 #: PIL formats tried. Restricting them keeps PIL from handing odd inputs to risky or irrelevant
-#: decoders (EPS through Ghostscript, PSD, ICO...). "MPO" is how PIL names some camera JPEGs.
-PIL_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "TIFF", "BMP")
+#: decoders (EPS through Ghostscript, PSD, ICO...). Camera MPO files open through "JPEG".
+PIL_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "TIFF", "BMP")
 
 #: Extensions whose content must be DICOM; used only to word the error for a non-DICOM file.
 _DICOM_SUFFIXES = (".dcm", ".dicom")

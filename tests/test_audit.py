@@ -1,0 +1,159 @@
+"""Tests for mammo_core.audit: no rows lost under concurrent threads and processes, notes, CSV
+export, validation, and the absence of patient-identifier columns."""
+
+from __future__ import annotations
+
+import csv
+import io
+import multiprocessing
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from mammo_core import config
+from mammo_core.audit import COLUMNS, AuditLog, default_audit_path, sha256_hex
+
+MODEL_SHA = sha256_hex(b"model weights")
+
+
+def _record(log: AuditLog, tag: str, probability: float = 0.7, **overrides) -> int:
+    fields = dict(
+        file_sha256=sha256_hex(tag.encode()),
+        file_name=f"{tag}.png",
+        model_name="paper-cnn",
+        model_sha256=MODEL_SHA,
+        probability=probability,
+        threshold=0.5,
+        decision="malignant" if probability >= 0.5 else "benign",
+    )
+    fields.update(overrides)
+    return log.record(**fields)
+
+
+def _process_writer(path: str, worker: int, rows: int) -> None:
+    log = AuditLog(Path(path))  # every process opens (and may create) the database itself
+    for i in range(rows):
+        _record(log, f"p{worker}-{i}", probability=(i % 10) / 10)
+
+
+def test_concurrent_processes_and_threads_lose_no_rows(tmp_path):
+    path = tmp_path / "audit.sqlite3"
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    processes = [ctx.Process(target=_process_writer, args=(str(path), w, 50)) for w in range(4)]
+    for process in processes:
+        process.start()
+
+    log = AuditLog(path)
+    errors: list[BaseException] = []
+
+    def thread_writer(worker: int) -> None:
+        try:
+            for i in range(25):
+                _record(log, f"t{worker}-{i}")
+        except BaseException as exc:  # surfaced below: a thread's exception is otherwise lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=thread_writer, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+
+    assert not errors, errors
+    assert len(log) == 4 * 50 + 4 * 25
+    names = {row["file_name"] for row in log.recent(limit=1000)}
+    assert names == {f"p{w}-{i}.png" for w in range(4) for i in range(50)} | {
+        f"t{w}-{i}.png" for w in range(4) for i in range(25)
+    }
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_record_and_recent(tmp_path):
+    log = AuditLog(tmp_path / "a.sqlite3")
+    first = _record(log, "one", probability=0.2)
+    second = _record(log, "two", probability=0.9, note="urgent")
+    assert second > first
+    newest, oldest = log.recent()
+    assert newest["id"] == second and oldest["id"] == first
+    assert newest["reviewer_note"] == "urgent" and oldest["reviewer_note"] is None
+    assert oldest["decision"] == "benign" and oldest["probability"] == pytest.approx(0.2)
+    assert newest["file_sha256"] == sha256_hex(b"two") and newest["model_sha256"] == MODEL_SHA
+    assert newest["time"].endswith("+00:00")  # UTC ISO 8601
+    assert [row["id"] for row in log.recent(limit=1)] == [second]
+
+
+def test_notes_update(tmp_path):
+    log = AuditLog(tmp_path / "a.sqlite3")
+    row = _record(log, "x")
+    log.set_note(row, "second reader agrees")
+    assert log.recent()[0]["reviewer_note"] == "second reader agrees"
+    log.set_note(row, None)
+    assert log.recent()[0]["reviewer_note"] is None
+    with pytest.raises(KeyError, match="999"):
+        log.set_note(999, "no such row")
+
+
+def test_csv_export_has_header_and_rows(tmp_path):
+    log = AuditLog(tmp_path / "a.sqlite3")
+    _record(log, "a", probability=0.1)
+    _record(log, "b,with \"quotes\"", probability=0.95, note="line one\nline two")
+    rows = list(csv.reader(io.StringIO(log.to_csv())))
+    assert tuple(rows[0]) == COLUMNS
+    assert len(rows) == 3
+    by_name = {row[COLUMNS.index("file_name")]: row for row in rows[1:]}
+    assert by_name["a.png"][COLUMNS.index("decision")] == "benign"
+    tricky = by_name['b,with "quotes".png']
+    assert tricky[COLUMNS.index("reviewer_note")] == "line one\nline two"
+    assert float(tricky[COLUMNS.index("probability")]) == pytest.approx(0.95)
+
+
+def test_file_name_is_kept_as_given(tmp_path):
+    log = AuditLog(tmp_path / "a.sqlite3")
+    _record(log, "x", file_name=None)
+    _record(log, "y", file_name="  odd name (1).PNG ")
+    names = [row["file_name"] for row in log.recent()]
+    assert names == ["  odd name (1).PNG ", None]
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ({"probability": 1.5}, "probability"),
+        ({"probability": float("nan")}, "probability"),
+        ({"threshold": -0.1}, "threshold"),
+        ({"file_sha256": "abc"}, "file_sha256"),
+        ({"model_sha256": "z" * 64}, "model_sha256"),
+        ({"decision": ""}, "decision"),
+    ],
+)
+def test_bad_values_are_refused(tmp_path, override, match):
+    log = AuditLog(tmp_path / "a.sqlite3")
+    with pytest.raises(ValueError, match=match):
+        _record(log, "x", **override)
+    assert len(log) == 0
+
+
+def test_no_patient_identifier_columns(tmp_path):
+    path = tmp_path / "a.sqlite3"
+    AuditLog(path)
+    with sqlite3.connect(path) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(scores)")]
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    assert tuple(columns) == COLUMNS
+    assert set(tables) <= {"scores", "sqlite_sequence"}
+    for column in columns:
+        assert not any(word in column.lower() for word in ("patient", "birth", "accession", "mrn", "dob"))
+
+
+def test_default_path(monkeypatch, tmp_path):
+    monkeypatch.delenv("MAMMO_AUDIT_DB", raising=False)
+    assert default_audit_path() == config.REPO_ROOT / "audit" / "audit.sqlite3"
+    monkeypatch.setenv("MAMMO_AUDIT_DB", str(tmp_path / "x.db"))
+    assert default_audit_path() == tmp_path / "x.db"
