@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .calibration import apply_temperature, card_temperature
 from .config import CLASS_NAMES, DEFAULT_THRESHOLD, IMAGE_SIZE
 from .errors import ImageReadError
 from .imaging import LoadedImage, Source, load_image, resize_for_model
@@ -51,13 +52,21 @@ def to_model_batch(images: np.ndarray, channels: int) -> np.ndarray:
     return np.repeat(batch, channels, axis=-1) if channels != 1 else batch
 
 
-def predict_arrays(model: Any, images: np.ndarray, *, channels: int | None = None, batch_size: int = 128) -> np.ndarray:
-    """Probabilities for decoded (N, 224, 224) uint8 images, in batches (no Grad-CAM)."""
+def make_inference_function(model: Any, channels: int):
+    """A compiled forward pass with a fixed input signature (traced once, reused for every batch)."""
     import tensorflow as tf
 
+    def forward(x):
+        return model(x, training=False)
+
+    return tf.function(forward, input_signature=[tf.TensorSpec((None, IMAGE_SIZE, IMAGE_SIZE, channels), tf.float32)])
+
+
+def predict_arrays(model: Any, images: np.ndarray, *, channels: int | None = None, batch_size: int = 128,
+                   infer: Any = None) -> np.ndarray:
+    """Probabilities for decoded (N, 224, 224) uint8 images, in batches (no Grad-CAM)."""
     channels = channels or _model_channels(model)
-    infer = tf.function(lambda x: model(x, training=False),
-                        input_signature=[tf.TensorSpec((None, IMAGE_SIZE, IMAGE_SIZE, channels), tf.float32)])
+    infer = infer or make_inference_function(model, channels)
     out = [infer(to_model_batch(images[i:i + batch_size], channels)).numpy().ravel()
            for i in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
@@ -81,8 +90,12 @@ class Predictor:
         self.name: str = card.get("name") or (model_dir.name if model_dir else model.name)
         self.model_sha256: str = card.get("model_sha256", "")
         self.threshold: float = float(card.get("threshold", DEFAULT_THRESHOLD))
+        # Temperature scaling from the card (`calibration.calibrate_model_dir`); 1.0 when uncalibrated.
+        self.temperature: float = card_temperature(card)
         self.channels = _model_channels(model)
-        self.cam = GradCAM(model)
+        # The card may name the Grad-CAM layer (e.g. EfficientNet's "top_activation"); else the last convolution.
+        self.cam = GradCAM(model, card.get("cam_layer") or None)
+        self._infer = make_inference_function(model, self.channels)
 
     @classmethod
     def load(cls, name_or_dir: str | Path | None = None, *, root: str | Path | None = None) -> "Predictor":
@@ -98,11 +111,18 @@ class Predictor:
         self.score_arrays(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8))
 
     def score_arrays(self, images: np.ndarray, *, with_cam: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """(N, 224, 224) uint8 -> probabilities (N,) and heatmaps (N, 224, 224) (None without Grad-CAM)."""
+        """(N, 224, 224) uint8 -> probabilities (N,) and heatmaps (N, 224, 224) (None without Grad-CAM).
+
+        Probabilities are calibrated with the card's temperature when it has one (p = sigmoid(logit / T)).
+        """
         batch = to_model_batch(images, self.channels)
         if with_cam:
-            return self.cam(batch)
-        return predict_arrays(self.model, images, channels=self.channels), None
+            probs, cams = self.cam(batch)
+        else:
+            probs, cams = predict_arrays(self.model, images, channels=self.channels), None
+        if self.temperature != 1.0:
+            probs = apply_temperature(probs, self.temperature)
+        return probs, cams
 
     def decision(self, probability: float, threshold: float | None = None) -> str:
         """Class name at the threshold (the card's by default): malignant when probability >= threshold."""
@@ -111,7 +131,11 @@ class Predictor:
 
     def score_one(self, source: Source, *, name: str | None = None, with_cam: bool = True) -> Prediction:
         """Decode and score one path or upload; never raises for a bad image (see `Prediction.error`)."""
-        return next(self.score_many([(source, name)], with_cam=with_cam, batch_size=1))
+        pred = _decode(source, name)
+        if pred.error is None:
+            probs, cams = self.score_arrays(resize_for_model(pred.image.pixels)[None], with_cam=with_cam)
+            self._fill(pred, float(probs[0]), cams[0] if cams is not None else None)
+        return pred
 
     def score_many(
         self,
@@ -122,41 +146,59 @@ class Predictor:
         keep_images: bool = True,
         progress: Callable[[int], None] | None = None,
     ) -> Iterator[Prediction]:
-        """Score (source, name) pairs in batches, in input order; decoding runs ahead in threads.
+        """Score (source, name) pairs in batches; yields one Prediction per input, in input order.
 
-        `progress(n)` is called after each batch with the number of inputs done.
+        Files are decoded in worker threads and batched by a tf.data pipeline that prefetches the
+        next batch while the model runs on the current one. Unreadable inputs are yielded with
+        `error` set. `progress(n)` is called after each batch with the number of inputs done.
         """
-        items = list(items)
-        done = 0
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            decoded = pool.map(lambda it: _decode(*it), items)
-            pending: list[Prediction] = []
-            for pred in decoded:
-                pending.append(pred)
-                if len(pending) >= batch_size:
-                    yield from self._finish(pending, with_cam, keep_images)
-                    done += len(pending)
-                    pending = []
-                    if progress:
-                        progress(done)
-            if pending:
-                yield from self._finish(pending, with_cam, keep_images)
-                if progress:
-                    progress(done + len(pending))
+        import tensorflow as tf
 
-    def _finish(self, preds: list[Prediction], with_cam: bool, keep_images: bool) -> list[Prediction]:
-        ok = [p for p in preds if p.error is None]
-        if ok:
-            images = np.stack([resize_for_model(p.image.pixels) for p in ok])
+        items = list(items)
+        if not items:
+            return
+        preds: list[Prediction | None] = [None] * len(items)
+
+        def decoded() -> Iterator[tuple[int, np.ndarray]]:
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                for i, pred in enumerate(pool.map(lambda it: _decode(*it), items)):
+                    preds[i] = pred
+                    if pred.error is None:
+                        yield i, resize_for_model(pred.image.pixels)
+
+        ds = tf.data.Dataset.from_generator(
+            decoded,
+            output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((IMAGE_SIZE, IMAGE_SIZE), tf.uint8)),
+        ).batch(batch_size).prefetch(1)
+        emitted = 0
+        for index, images in ds.as_numpy_iterator():
             probs, cams = self.score_arrays(images, with_cam=with_cam)
-            for i, p in enumerate(ok):
-                p.probability = float(probs[i])
-                p.threshold = self.threshold
-                p.label = self.decision(p.probability)
-                p.heatmap = cams[i] if cams is not None else None
-                if not keep_images:
-                    p.image = None
-        return preds
+            for j, i in enumerate(index):
+                self._fill(preds[i], float(probs[j]), cams[j] if cams is not None else None)
+            # everything decoded up to the last scored index (including failures) is final
+            ready = int(index[-1]) + 1
+            while emitted < ready:
+                yield self._strip(preds[emitted], keep_images)
+                emitted += 1
+            if progress:
+                progress(emitted)
+        while emitted < len(items):  # trailing failures (or every input failed)
+            yield self._strip(preds[emitted], keep_images)
+            emitted += 1
+        if progress:
+            progress(emitted)
+
+    def _fill(self, pred: Prediction, probability: float, heatmap: np.ndarray | None) -> None:
+        pred.probability = probability
+        pred.threshold = self.threshold
+        pred.label = self.decision(probability)
+        pred.heatmap = heatmap
+
+    @staticmethod
+    def _strip(pred: Prediction, keep_images: bool) -> Prediction:
+        if not keep_images:
+            pred.image = None
+        return pred
 
 
 def _decode(source: Source, name: str | None) -> Prediction:

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench` measures our scoring, training and app against naive baselines."""
