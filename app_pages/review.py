@@ -1,0 +1,213 @@
+"""Review page: upload mammograms, get the probability of malignancy, the decision at a threshold and
+a Grad-CAM overlay; a triage worklist of the batch; every shown result goes to the audit log.
+
+Uploaded bytes stay in memory. Predictions are cached in the session per (file sha256, model), so
+moving the threshold or the opacity never re-runs the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections import OrderedDict
+
+import pandas as pd
+import streamlit as st
+
+from mammo_core.errors import ModelDirError
+from app_pages import _shared as shared
+
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "dcm", "dicom"]
+CACHE_KEY = "review_predictions"
+CACHE_LIMIT = 48  # predictions kept (with their decoded images); the current batch is never evicted
+
+
+def score_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[str, object]]:
+    """Predictions for (name, bytes) uploads, in order, scoring only what this session has not
+    scored with this model before. Shows a progress bar for a multi-file batch."""
+    cache: OrderedDict = st.session_state.setdefault(CACHE_KEY, OrderedDict())
+    model_key = predictor.model_sha256 or predictor.name
+    keys = [(hashlib.sha256(data).hexdigest(), model_key) for _, data in uploads]
+    todo = [(i, key) for i, key in enumerate(keys) if key not in cache]
+    if todo:
+        bar = st.progress(0.0, text=f"Scoring {len(todo)} image(s)…") if len(todo) > 1 else None
+
+        def progress(done: int) -> None:
+            if bar is not None:
+                bar.progress(done / len(todo), text=f"Scored {done} of {len(todo)} image(s)…")
+
+        with st.spinner("Scoring…") if bar is None else contextlib.nullcontext():
+            items = [(uploads[i][1], uploads[i][0]) for i, _ in todo]
+            for (i, key), pred in zip(todo, predictor.score_many(items, with_cam=True, batch_size=8, progress=progress)):
+                cache[key] = pred
+        if bar is not None:
+            bar.empty()
+    current = set(keys)
+    for key in list(cache):
+        if len(cache) <= CACHE_LIMIT:
+            break
+        if key not in current:
+            del cache[key]
+    return [(name, cache[key]) for (name, _), key in zip(uploads, keys)]
+
+
+@st.cache_resource(show_spinner=False)
+def _open_audit_log(path: str):
+    from mammo_core.audit import AuditLog
+
+    return AuditLog(path)
+
+
+def _audit_log():
+    """The audit log (MAMMO_AUDIT_DB or audit/audit.sqlite3), or None with a warning when it cannot be opened."""
+    try:
+        from mammo_core.audit import default_audit_path
+    except ImportError:
+        return None
+    try:
+        return _open_audit_log(str(default_audit_path()))
+    except Exception as exc:  # noqa: BLE001 - the log must never stop scoring
+        st.warning(f"Audit log unavailable ({exc}); results are not being recorded.")
+        return None
+
+
+def record_in_audit(log, predictor, file_id: str, pred, threshold: float, decision: str) -> int | None:
+    """Record a shown result once per upload + model + threshold; returns its row id."""
+    if log is None:
+        return None
+    recorded = st.session_state.setdefault("review_audited", {})
+    key = (file_id, predictor.model_sha256 or predictor.name, round(threshold, 4))
+    if key not in recorded:
+        try:
+            recorded[key] = log.record(file_sha256=pred.sha256, file_name=pred.name, model_name=predictor.name,
+                                       model_sha256=predictor.model_sha256, probability=float(pred.probability),
+                                       threshold=float(threshold), decision=decision)
+        except Exception as exc:  # noqa: BLE001
+            st.warning(f"Could not write to the audit log ({exc}).")
+            return None
+    return recorded[key]
+
+
+def audit_section(log) -> None:
+    with st.expander("Audit log (recent entries)"):
+        if log is None:
+            st.caption("The audit log is not available in this installation.")
+            return
+        try:
+            recent = log.recent(limit=50)
+            csv_text = log.to_csv()
+        except Exception as exc:  # noqa: BLE001
+            st.warning(f"Could not read the audit log ({exc}).")
+            return
+        if recent:
+            st.dataframe(pd.DataFrame(recent), hide_index=True)
+        else:
+            st.caption("No entries yet.")
+        st.download_button("Download the audit log (CSV)", csv_text, file_name="audit_log.csv", mime="text/csv",
+                           key="audit_csv")
+
+
+def main() -> None:
+    st.title("Review")
+    st.caption("Research tool, not a diagnostic device. Uploaded images stay in memory and are not saved.")
+    if not shared.usable_models():
+        st.info("No trained model yet. Train one on the Retrain page.")
+        return
+    name = shared.chosen_model_name()
+    try:
+        with st.spinner("Loading the model…"):
+            predictor, warnings = shared.get_predictor(name)
+    except ModelDirError as exc:
+        st.error(f"None of the models in the weights folder could be loaded ({exc}). Restore one or train a "
+                 "new one on the Retrain page.")
+        return
+    shared.show_warnings(warnings)
+    card = predictor.card
+    st.caption(f"Model **{predictor.name}** · {shared.protocol_short(card)} · created {shared.created_date(card)} · "
+               f"test AUC {shared.fmt(((card.get('metrics') or {}).get('test') or {}).get('auc'))}")
+
+    left, right = st.columns([2, 1])
+    with left:
+        threshold = shared.threshold_control(card, predictor.name, where="review")
+    with right:
+        alpha = st.slider("Grad-CAM opacity", 0.0, 1.0, 0.4, 0.05, key="review_alpha")
+
+    uploads = st.file_uploader("Mammograms (PNG, JPEG, TIFF or DICOM); one or many", type=UPLOAD_TYPES,
+                               accept_multiple_files=True, key="review_uploads")
+    log = _audit_log()
+    if not uploads:
+        st.info("Upload one or more images to score them.")
+        audit_section(log)
+        return
+
+    named = [(f.name, f.getvalue()) for f in uploads]
+    results = score_uploads(predictor, named)
+    file_ids = [f.file_id for f in uploads]
+
+    ok, rows = [], []
+    for (fname, pred), fid in zip(results, file_ids):
+        if pred.error is not None:
+            st.error(f"**{fname}** could not be scored: {pred.error}")
+            continue
+        decision = predictor.decision(pred.probability, threshold)
+        row_id = record_in_audit(log, predictor, fid, pred, threshold, decision)
+        ok.append((fname, pred, decision, row_id))
+        rows.append({"file": fname, "probability": round(pred.probability, 4), "decision": decision,
+                     "threshold": round(threshold, 4), "model": predictor.name})
+    if not ok:
+        audit_section(log)
+        return
+
+    order = sorted(range(len(ok)), key=lambda i: -ok[i][1].probability)
+    st.subheader(f"Worklist ({len(ok)} scored, most suspicious first)")
+    table = pd.DataFrame([rows[i] for i in order])
+    st.dataframe(table, hide_index=True, column_config={
+        "probability": st.column_config.ProgressColumn("probability of malignancy", format="%.3f",
+                                                       min_value=0.0, max_value=1.0)})
+    st.download_button("Download the worklist (CSV)", table.to_csv(index=False), file_name="worklist.csv",
+                       mime="text/csv", key="worklist_csv")
+
+    if len(ok) > 1:
+        pick = st.selectbox("Image to inspect", order, key="review_pick",
+                            format_func=lambda i: f"{ok[i][0]} — {ok[i][1].probability:.3f} ({ok[i][2]})")
+    else:
+        pick = 0
+    fname, pred, decision, row_id = ok[pick]
+    show_prediction(fname, pred, decision, threshold, alpha)
+    if row_id is not None and log is not None:
+        def save_note(row=row_id, key=f"note::{row_id}") -> None:
+            try:
+                log.set_note(row, st.session_state[key])
+            except Exception as exc:  # noqa: BLE001
+                st.session_state["review_note_error"] = str(exc)
+
+        st.text_input("Note for the audit log (no patient identifiers)", key=f"note::{row_id}", on_change=save_note)
+        if err := st.session_state.pop("review_note_error", None):
+            st.warning(f"The note was not saved ({err}).")
+    audit_section(log)
+
+
+def show_prediction(fname: str, pred, decision: str, threshold: float, alpha: float) -> None:
+    """Probability, decision and the original + Grad-CAM overlay with linked zoom and pan."""
+    from mammo_core.explain import overlay
+    from mammo_core.plots import fit_for_display, image_pair_figure
+
+    st.subheader(fname)
+    cols = st.columns(3)
+    cols[0].metric("Probability of malignancy", f"{pred.probability:.3f}")
+    cols[1].metric(f"Decision at threshold {threshold:.2f}", decision)
+    meta = getattr(pred.image, "metadata", {}) or {}
+    h, w = pred.image.pixels.shape
+    cols[2].metric("Image size", f"{w}×{h}", help=", ".join(f"{k}: {v}" for k, v in meta.items()
+                                                            if isinstance(v, (str, int, float))) or None)
+    pixels = fit_for_display(pred.image.pixels)
+    ph, pw = pixels.shape
+    fig = image_pair_figure(pixels, overlay(pixels, pred.heatmap, alpha=alpha),
+                            height=int(min(760, max(420, 480 * ph / pw))))
+    st.plotly_chart(fig, key="review_figure",
+                    config={"scrollZoom": True, "displaylogo": False})
+    st.caption("Drag to zoom (both views follow), scroll to zoom, double-click to reset. Grad-CAM shows where "
+               "the network's last convolution responded; it is not a lesion outline.")
+
+
+main()
