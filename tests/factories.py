@@ -2,22 +2,52 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
-def mammo_like(seed: int, malignant: bool, size: int = 224) -> np.ndarray:
-    """A synthetic 8-bit 'breast' image: a bright half-disc, plus a bright blob when malignant."""
+def synthetic_mammogram(seed: int, *, malignant: bool, size: int = 224) -> np.ndarray:
+    """A 2-D uint8 image: noisy breast-like ellipse on black, with a bright spiky blob when malignant."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    breast = ((xx / size) ** 2 + ((yy - size / 2) / (size / 2)) ** 2) < 0.8
-    img = rng.normal(40, 10, (size, size)) + breast * 90
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((-size // 2, size // 8, size * 3 // 4, size * 7 // 8), fill=int(rng.integers(70, 110)))
+    cx, cy = (int(v) for v in rng.integers(size // 4, size // 2, 2))
+    r = int(rng.integers(8, 18))
     if malignant:
-        cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
-        img += 120 * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (size / 16) ** 2)))
-    return np.clip(img, 0, 255).astype(np.uint8)
+        pts = [(cx + (r + 10 * (i % 2)) * np.cos(a), cy + (r + 10 * (i % 2)) * np.sin(a))
+               for i, a in enumerate(np.linspace(0, 2 * np.pi, 16, endpoint=False))]
+        draw.polygon(pts, fill=230)
+    else:
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=150)
+    arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 12, (size, size))
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_tiny_dataset(root: Path, *, sources_per_class: int = 4, copies: int = 3) -> Path:
+    """train/val/test x benign/malignant; each source image has `copies` augmented copies in every
+    split (the paper's layout), named like "1001 (2).png". Enough groups for the grouped protocol."""
+    for split_i, split in enumerate(("train", "val", "test")):
+        for label, cls in enumerate(("benign", "malignant")):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for s in range(sources_per_class):
+                source_id = 1000 * (label + 1) + s + 1
+                base = synthetic_mammogram(source_id, malignant=bool(label))
+                for c in range(copies):
+                    copy = np.rot90(base, k=(c + split_i) % 4) if c else base
+                    noisy = np.clip(copy.astype(int) + (c + split_i), 0, 255).astype(np.uint8)
+                    Image.fromarray(noisy).save(folder / f"{source_id} ({split_i * copies + c + 1}).png")
+    return root
 
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:
@@ -40,5 +70,5 @@ def make_dataset(root: Path, *, sources_per_class: int = 4, copies: int = 3, spl
             for j in range(copies):
                 name = f"{source_id}.png" if j == 0 else f"{source_id} ({j}).png"
                 folder = root / split_names[j % 3] / cls if splits else root / cls
-                write_png(folder / name, mammo_like(source_id * 100 + j, malignant=bool(label)))
+                write_png(folder / name, synthetic_mammogram(source_id * 100 + j, malignant=bool(label)))
     return root

@@ -108,7 +108,7 @@ def test_review_scores_uploads_and_threshold_does_not_rescore(app_env, tiny_weig
 
 
 def test_review_batch_worklist_is_sorted_by_probability(app_env, tiny_weights):
-    from tests.conftest import png_bytes, synthetic_mammogram
+    from tests.factories import png_bytes, synthetic_mammogram
 
     app_env(tiny_weights)
     at = start("review")

@@ -15,7 +15,7 @@ pytest.importorskip("tensorflow")
 
 from mammo_core.cli import main  # noqa: E402
 
-from .conftest import png_bytes, synthetic_mammogram  # noqa: E402
+from .factories import png_bytes, synthetic_mammogram  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ import pytest
 from mammo_core import data
 from mammo_core.errors import DatasetError
 
-from .factories import make_dataset, mammo_like, write_png
+from .factories import make_dataset, synthetic_mammogram, write_png
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,7 @@ def test_scan_flat_layout_any_case(tmp_path):
 
 def test_missing_class_folder_names_path(tmp_path):
     root = tmp_path / "ds"
-    write_png(root / "benign" / "1.png", mammo_like(1, False))
+    write_png(root / "benign" / "1.png", synthetic_mammogram(1, malignant=False))
     (root / "cats").mkdir()
     with pytest.raises(DatasetError, match="missing class folder.*malignant"):
         data.scan_dataset(root)
@@ -48,7 +48,7 @@ def test_missing_class_folder_names_path(tmp_path):
 
 def test_empty_class_folder_names_path(tmp_path):
     root = tmp_path / "ds"
-    write_png(root / "benign" / "1.png", mammo_like(1, False))
+    write_png(root / "benign" / "1.png", synthetic_mammogram(1, malignant=False))
     (root / "malignant").mkdir()
     with pytest.raises(DatasetError, match=r"malignant: folder holds no image files"):
         data.scan_dataset(root)
@@ -133,6 +133,6 @@ def test_tf_dataset_scales_and_batches():
 def test_fingerprint_changes_with_files(tmp_path):
     root = make_dataset(tmp_path / "ds")
     a = data.fingerprint(data.scan_dataset(root), root)
-    write_png(root / "train" / "benign" / "5555.png", mammo_like(5, False))
+    write_png(root / "train" / "benign" / "5555.png", synthetic_mammogram(5, malignant=False))
     b = data.fingerprint(data.scan_dataset(root), root)
     assert a["n_files"] + 1 == b["n_files"] and a["sha256"] != b["sha256"]

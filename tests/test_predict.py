@@ -11,7 +11,7 @@ pytest.importorskip("tensorflow")
 
 from mammo_core.predict import Predictor  # noqa: E402
 
-from .conftest import png_bytes, synthetic_mammogram  # noqa: E402
+from .factories import png_bytes, synthetic_mammogram  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -19,21 +19,14 @@ from mammo_core import registry  # noqa: E402
 from mammo_core.errors import ModelDirError, TrainingBusyError  # noqa: E402
 from mammo_core.train import TrainConfig, train, training_in_progress, training_lock  # noqa: E402
 
-from .factories import make_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data") / "ds", sources_per_class=4, copies=6)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_dataset, tmp_path_factory):
-    root = tmp_path_factory.mktemp("weights")
-    cfg = TrainConfig(data_dir=str(tiny_dataset), name="tiny", protocol="paper", epochs=2, batch_size=8)
-    return train(cfg, root=root, log=lambda m: None), root
+def trained(tiny_weights):
+    """The session's tiny paper-split model (conftest: 1 epoch on the 72-image tiny dataset), read-only."""
+    return tiny_weights / "tiny-paper", tiny_weights
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -48,7 +41,7 @@ def test_model_directory_is_complete(trained):
                 "model_sha256", "metrics", "evaluation"):
         assert key in card, key
     assert card["model_sha256"] == registry.sha256_file(model_dir / "model.keras")
-    assert card["dataset"]["n_files"] == 48 and len(card["dataset"]["sha256"]) == 64
+    assert card["dataset"]["n_files"] == 72 and len(card["dataset"]["sha256"]) == 64
     assert card["split"]["protocol"] == "paper"
     assert card["split"]["shared_source_images"]["train-test"] == 8  # the paper layout leaks by construction
     test = card["metrics"]["test"]
@@ -56,11 +49,12 @@ def test_model_directory_is_complete(trained):
         assert key in test
     assert set(test["per_class"]) == {"benign", "malignant"}
     history = pd.read_csv(model_dir / "history.csv")
-    assert history["epoch"].tolist() == [1, 2] and "val_loss" in history
+    assert history["epoch"].tolist() == [1] and "val_loss" in history
     preds = pd.read_csv(model_dir / "test_predictions.csv")
     assert list(preds.columns) == ["path", "group", "patient", "label", "probability"]
-    assert len(preds) == test["n"] == 16
+    assert len(preds) == test["n"] == 24
     assert not any(p.name.startswith(".tmp") for p in root.iterdir())
+    assert registry.active_model_name(root) == "tiny-grouped"
 
 
 def test_recorded_predictions_match_reloaded_model(trained, tiny_dataset):
@@ -77,7 +71,7 @@ def test_recorded_predictions_match_reloaded_model(trained, tiny_dataset):
 def test_existing_model_is_never_overwritten(trained, tiny_dataset):
     model_dir, root = trained
     before = snapshot(model_dir)
-    cfg = TrainConfig(data_dir=str(tiny_dataset), name="tiny", protocol="paper", epochs=1, batch_size=8)
+    cfg = TrainConfig(data_dir=str(tiny_dataset), name="tiny-paper", protocol="paper", epochs=1, batch_size=8)
     with pytest.raises(FileExistsError, match="never overwritten"):
         train(cfg, root=root, log=lambda m: None)
     assert snapshot(model_dir) == before
