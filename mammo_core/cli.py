@@ -1,4 +1,4 @@
-"""Command line: `python -m mammo_core {train,evaluate,predict,models}`.
+"""Command line: `python -m mammo_core {train,evaluate,predict,models,cv,calibrate}`.
 
 The CLI calls the same functions as the app. Expected failures (bad image, bad dataset, bad model
 directory, bad option) print one clear line on stderr and exit non-zero, never a traceback.
@@ -36,12 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if dataset is None:
         _err("no dataset: pass --data DIR or set MAMMO_DATA_DIR.")
         return EXIT_FAIL
-    patient_map = args.patient_map
-    if args.group_by == "patient" and patient_map is None:
-        from .data import default_patient_map
-
-        found = default_patient_map(dataset)
-        patient_map = str(found) if found else None
+    patient_map = _patient_map_for(Path(dataset), args.group_by, args.patient_map)
     config = TrainConfig(
         data_dir=str(dataset), name=args.name, architecture=args.arch, protocol=args.protocol,
         group_by=args.group_by, patient_map=patient_map, epochs=args.epochs, batch_size=args.batch_size,
@@ -49,14 +44,97 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_steps_per_epoch=args.max_steps,
     )
     try:
-        train(config, root=args.weights, progress_path=args.progress_file,
-              log=(lambda m: print(m, file=sys.stderr)))
+        model_dir = train(config, root=args.weights, progress_path=args.progress_file,
+                          log=(lambda m: print(m, file=sys.stderr)))
     except Cancelled:
         _err("training cancelled; no model was written.")
         return EXIT_CANCELLED
     except KeyboardInterrupt:
         _err("training interrupted; no model was written.")
         return EXIT_CANCELLED
+    if args.calibrate:
+        from .calibration import calibrate_model_dir
+
+        cal = calibrate_model_dir(model_dir)["calibration"]
+        print(f"calibrated: temperature {cal['temperature']:.4f} (fitted on the validation split)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _patient_map_for(dataset: Path, group_by: str, given: str | None) -> str | None:
+    if given is not None or group_by != "patient":
+        return given
+    from .data import default_patient_map
+
+    found = default_patient_map(dataset)
+    return str(found) if found else None
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from .cv import CVConfig, run_cv, store_in_card, write_results
+    from .registry import resolve_model_dir
+
+    card_dir = resolve_model_dir(args.into_card, root=args.weights) if args.into_card else None
+    if args.from_results:
+        try:
+            results = json.loads(Path(args.from_results).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            _err(f"{args.from_results}: cannot read CV results ({exc}).")
+            return EXIT_FAIL
+    else:
+        dataset = args.data or data_dir()
+        if dataset is None:
+            _err("no dataset: pass --data DIR or set MAMMO_DATA_DIR.")
+            return EXIT_FAIL
+        config = CVConfig(
+            data_dir=str(dataset), architecture=args.arch, k=args.k, group_by=args.group_by,
+            patient_map=_patient_map_for(Path(dataset), args.group_by, args.patient_map), seed=args.seed,
+            epochs=args.epochs, batch_size=args.batch_size, copies_per_source=args.copies_per_source,
+            val_copies_per_source=args.val_copies_per_source, n_boot=args.n_boot,
+        )
+        results, oof = run_cv(config, log=lambda m: print(m, file=sys.stderr, flush=True))
+        out = args.out or Path("cv-results") / f"{args.arch}-{args.group_by}-k{args.k}-seed{args.seed}"
+        json_path, csv_path = write_results(results, oof, out)
+        print(f"results: {json_path}\nout-of-fold predictions: {csv_path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        _print_cv(results)
+    if card_dir is not None:
+        store_in_card(card_dir, results, allow_other_architecture=args.allow_other_architecture)
+        print(f"stored in {card_dir / 'card.json'}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _print_cv(results: dict) -> None:
+    print(f"{results['architecture']}: {results['protocol']} (seed {results['seed']})")
+    print(f"{'fold':>6}{'AUC':>8}{'acc':>8}{'sens':>8}{'spec':>8}{'images':>8}{'groups':>8}{'val AUC':>9}")
+    for r in results["folds"]:
+        print(f"{r['fold']:>6}{r['auc']:8.3f}{r['accuracy']:8.3f}{r['sensitivity']:8.3f}{r['specificity']:8.3f}"
+              f"{r['n_images']:8d}{r['n_groups']:8d}{r.get('val_auc') or float('nan'):9.3f}")
+    p = results["pooled"]
+    cells = "  ".join(f"{m} {p[m]:.3f} [{p[m + '_ci'][0]:.3f}, {p[m + '_ci'][1]:.3f}]"
+                      for m in ("auc", "accuracy", "sensitivity", "specificity"))
+    print(f"pooled: {cells}")
+    t = results.get("training", {})
+    print(f"minutes per fold: {t.get('minutes_per_fold')}; training images/s: {t.get('train_images_per_second')}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate_model_dir
+    from .registry import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model, root=args.weights)
+    card = calibrate_model_dir(model_dir)
+    cal = card["calibration"]
+    if args.json:
+        print(json.dumps({"model": model_dir.name, "calibration": cal, "operating_points": card["operating_points"]}))
+        return EXIT_OK
+    print(f"model {model_dir.name}: temperature {cal['temperature']:.4f} (fitted on the {cal['computed_on']})")
+    print(f"Brier validation {cal['brier_val_before']:.4f} -> {cal['brier_val_after']:.4f}; "
+          f"test {cal['brier_test_before']:.4f} -> {cal['brier_test_after']:.4f}")
+    for op in card["operating_points"]:
+        print(f"{op['name']:22} threshold {op['threshold']:.4f}  validation sens {op['sensitivity']:.3f} "
+              f"spec {op['specificity']:.3f}  test sens {op['test_sensitivity']:.3f} spec {op['test_specificity']:.3f}")
     return EXIT_OK
 
 
@@ -219,7 +297,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="cap batches per epoch (smoke tests)")
     p.add_argument("--progress-file", type=Path, default=None, help="write live progress JSON here")
+    p.add_argument("--calibrate", action="store_true", help="then fit temperature scaling and operating points on the validation split")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("cv", help="k-fold cross-validation grouped by source image or patient, with cluster-bootstrap CIs")
+    p.add_argument("--data", type=Path, default=None, help="dataset folder (default: $MAMMO_DATA_DIR)")
+    p.add_argument("--arch", default="efficientnet-lite0", choices=sorted(ARCHITECTURES), help="architecture (default: efficientnet-lite0)")
+    p.add_argument("--k", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--group-by", default="source", choices=GROUP_BY, help="grouping unit (default: source image)")
+    p.add_argument("--patient-map", default=None, help="CSV image_id,patient_id (default with --group-by patient: the dataset's patients.csv)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--epochs", type=int, default=None, help="epochs per fold (default: 10 for image models, 30 for a feature head)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--copies-per-source", type=int, default=None, help="image models: training copies kept per source image (default: all)")
+    p.add_argument("--val-copies-per-source", type=int, default=8, help="image models: validation copies per source image (default 8)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the CIs (default 2000)")
+    p.add_argument("--out", type=Path, default=None, help="folder for cv_results.json and oof_predictions.csv (default: cv-results/<arch>-<group-by>-k<k>-seed<seed>)")
+    p.add_argument("--into-card", default=None, metavar="MODEL", help="store the results in this model's card (cross_validation or cross_validation_patient)")
+    p.add_argument("--from-results", default=None, metavar="JSON", help="store an existing cv_results.json instead of running CV (with --into-card)")
+    p.add_argument("--allow-other-architecture", action="store_true", help="store results of another architecture in the card")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("calibrate", help="fit temperature scaling and operating points on a model's validation predictions")
+    p.add_argument("--model", default=None, help="model name or directory (default: the active model)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("evaluate", help="Table 1 metrics of a model, from its recorded test predictions or by re-scoring a split")
     p.add_argument("--model", default=None, help="model name or directory (default: the active model)")

@@ -1,5 +1,13 @@
 """Model architectures, by name. `paper-cnn` is exactly the authors' network.
 
+- `paper-cnn`: the paper's CNN, trained on images.
+- `bn-gap-cnn`: a small from-scratch CNN with batch normalisation and global average pooling (about 9 % of
+  paper-cnn's parameters), trained with class weights and random flips.
+- `efficientnet-lite0`: ImageNet EfficientNet-Lite0, frozen, with a Dense(1) head trained on cached pooled
+  features (`mammo_core.features`); the saved model is the complete image classifier.
+- `efficientnet-lite0-mid`: the same, cut after block 6a's expansion (672 channels at 14x14): mid-level
+  features, which did better than the top ones on the validation parts of the grouped CV.
+
 Every builder returns an uncompiled-or-compiled Keras model taking (IMAGE_SIZE, IMAGE_SIZE, channels)
 float input in [0, 1] and giving one sigmoid probability of malignancy. `compile_model` applies the
 optimizer and loss used in training.
@@ -22,6 +30,13 @@ class Architecture:
     build: Callable[..., "object"]
     optimizer: str = "rmsprop"
     learning_rate: float = 1e-3
+    #: "images": fit the whole network on decoded images; "features": fit only the Dense(1) head on the
+    #: frozen backbone's cached features (see train.py).
+    strategy: str = "images"
+    class_weighted: bool = False  # weight the loss so benign and malignant count equally
+    augment_flips: bool = False  # random horizontal/vertical flips at train time
+    cam_layer: str | None = None  # Grad-CAM layer; None = the last convolution
+    fixed_channels: int | None = None  # input channels the architecture requires, if any
 
 
 def build_paper_cnn(*, channels: int = 1, image_size: int = IMAGE_SIZE):
@@ -52,11 +67,110 @@ def build_paper_cnn(*, channels: int = 1, image_size: int = IMAGE_SIZE):
     )
 
 
+def build_bn_gap_cnn(*, channels: int = 1, image_size: int = IMAGE_SIZE):
+    """A small CNN with batch normalisation and global average pooling (about 250 k parameters).
+
+    Conv 32 3x3 stride 2 -> MaxPool -> Conv 32 -> MaxPool -> Conv 64 -> MaxPool -> Conv 128 -> Conv 128,
+    each convolution followed by BatchNorm and ReLU, then global average pooling, dropout 0.3 and a
+    sigmoid unit. Replacing paper-cnn's 2.7 M-parameter Flatten -> Dense head by pooling leaves little
+    to memorise; downsampling early keeps it as cheap to run as paper-cnn on a CPU.
+    """
+    import keras
+    from keras import layers
+
+    def block(filters: int, index: int, strides: int = 1) -> list:
+        return [layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"conv{index}"),
+                # momentum 0.9, not Keras' 0.99: short budgets (~100 steps) must still leave sound moving statistics
+                layers.BatchNormalization(momentum=0.9, name=f"bn{index}"),
+                layers.ReLU(name=f"relu{index}")]
+
+    return keras.Sequential(
+        [
+            keras.Input(shape=(image_size, image_size, channels), name="image"),
+            *block(32, 1, strides=2),
+            layers.MaxPooling2D(2, name="pool1"),
+            *block(32, 2),
+            layers.MaxPooling2D(2, name="pool2"),
+            *block(64, 3),
+            layers.MaxPooling2D(2, name="pool3"),
+            *block(128, 4),
+            *block(128, 5),
+            layers.GlobalAveragePooling2D(name="gap"),
+            layers.Dropout(0.3, name="dropout"),
+            layers.Dense(1, activation="sigmoid", name="output"),
+        ],
+        name="bn_gap_cnn",
+    )
+
+
+def build_efficientnet_lite0(*, channels: int = 1, image_size: int = IMAGE_SIZE):
+    """ImageNet EfficientNet-Lite0 classifier with a frozen backbone (`efficientnet_lite`); only ``logit`` trains."""
+    from .efficientnet_lite import build_efficientnet_lite0_classifier
+
+    return build_efficientnet_lite0_classifier(input_shape=(image_size, image_size, channels), weights="imagenet",
+                                               train_backbone=False)
+
+
+#: Where `efficientnet-lite0-mid` cuts the backbone: block 6a's expansion, 672 channels at 14x14 for 224x224.
+MID_CUT_LAYER = "block6a_expand_activation"
+
+
+def build_efficientnet_lite0_mid(*, channels: int = 1, image_size: int = IMAGE_SIZE):
+    """ImageNet EfficientNet-Lite0 cut at `MID_CUT_LAYER`, frozen -> global average pooling -> dropout ->
+    ``logit`` -> sigmoid ``probability``. Flat functional model; Grad-CAM takes `MID_CUT_LAYER`."""
+    import keras
+
+    from .efficientnet_lite import build_efficientnet_lite0
+
+    backbone = build_efficientnet_lite0(input_shape=(image_size, image_size, channels), weights="imagenet")
+    for layer in backbone.layers:
+        layer.trainable = False
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(backbone.get_layer(MID_CUT_LAYER).output)
+    x = keras.layers.Dropout(0.2, name="head_dropout")(x)
+    logit = keras.layers.Dense(1, name="logit")(x)
+    probability = keras.layers.Activation("sigmoid", name="probability")(logit)
+    return keras.Model(backbone.input, probability, name="efficientnet_lite0_mid_classifier")
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "paper-cnn": Architecture(
         name="paper-cnn",
         description="The paper's CNN: 3 conv/max-pool blocks (32/32/64), dense 64, dropout 0.5, sigmoid.",
         build=build_paper_cnn,
+    ),
+    "bn-gap-cnn": Architecture(
+        name="bn-gap-cnn",
+        description="Small CNN from scratch: 5 conv blocks (32/32/64/128/128) with batch norm, global average "
+                    "pooling, dropout 0.3, sigmoid; class-weighted loss, random flips.",
+        build=build_bn_gap_cnn,
+        optimizer="adam",
+        learning_rate=1e-3,
+        class_weighted=True,
+        augment_flips=True,
+    ),
+    "efficientnet-lite0": Architecture(
+        name="efficientnet-lite0",
+        description="EfficientNet-Lite0 pretrained on ImageNet, frozen; global average pooling, dropout, Dense(1) "
+                    "head trained (L2, class-weighted) on cached pooled features.",
+        build=build_efficientnet_lite0,
+        optimizer="adam",
+        learning_rate=1e-3,
+        strategy="features",
+        class_weighted=True,
+        cam_layer="top_activation",
+        fixed_channels=1,
+    ),
+    "efficientnet-lite0-mid": Architecture(
+        name="efficientnet-lite0-mid",
+        description="EfficientNet-Lite0 pretrained on ImageNet, cut after block 6a's expansion (672 channels, "
+                    "14x14), frozen; global average pooling, dropout, Dense(1) head trained on cached features.",
+        build=build_efficientnet_lite0_mid,
+        optimizer="adam",
+        learning_rate=1e-3,
+        strategy="features",
+        class_weighted=True,
+        cam_layer=MID_CUT_LAYER,
+        fixed_channels=1,
     ),
 }
 
@@ -89,3 +203,14 @@ def compile_model(model, arch: Architecture, *, learning_rate: float | None = No
         loss="binary_crossentropy",
         metrics=["accuracy", keras.metrics.AUC(name="auc")],
     )
+
+
+def flip_augment(batch):
+    """Random horizontal and vertical flips of a float image batch, each image independently (train time only)."""
+    import tensorflow as tf
+
+    n = tf.shape(batch)[0]
+    flip_lr = tf.random.uniform((n, 1, 1, 1)) < 0.5
+    batch = tf.where(flip_lr, tf.reverse(batch, axis=[2]), batch)
+    flip_ud = tf.random.uniform((n, 1, 1, 1)) < 0.5
+    return tf.where(flip_ud, tf.reverse(batch, axis=[1]), batch)

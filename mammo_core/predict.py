@@ -119,7 +119,7 @@ class Predictor:
         if with_cam:
             probs, cams = self.cam(batch)
         else:
-            probs, cams = predict_arrays(self.model, images, channels=self.channels), None
+            probs, cams = predict_arrays(self.model, images, channels=self.channels, infer=self._infer), None
         if self.temperature != 1.0:
             probs = apply_temperature(probs, self.temperature)
         return probs, cams

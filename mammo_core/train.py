@@ -87,6 +87,11 @@ class TrainConfig:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        from .model import get_architecture
+
+        arch = get_architecture(self.architecture)
+        if arch.fixed_channels is not None and self.channels != arch.fixed_channels:
+            raise ValueError(f"{self.architecture} takes {arch.fixed_channels}-channel input, got channels={self.channels}")
 
 
 @contextlib.contextmanager
@@ -272,12 +277,87 @@ def train(config: TrainConfig, *, root: str | Path | None = None, progress_path:
     return final_dir
 
 
-def _train_into(config: TrainConfig, out: Path, root: Path, progress_path: Path | None,
-                on_progress: Callable[[dict], None] | None, log: Callable[[str], None]) -> dict[str, Any]:
+def _fit_on_images(config: TrainConfig, arch, parts: dict[str, pd.DataFrame], out: Path,
+                   progress_path: Path | None, on_progress: Callable[[dict], None] | None,
+                   log: Callable[[str], None]) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
+    """Decode the images and fit the whole network; returns (model, val/test probabilities, fit facts)."""
     import keras
 
-    from .model import build_model, get_architecture
+    from .features import class_weights
+    from .model import build_model, flip_augment
     from .predict import predict_arrays
+
+    log(f"decoding {sum(len(p) for p in parts.values())} images from {config.data_dir} ...")
+    t0 = time.time()
+    images = {s: data_mod.load_images(part["path"].tolist()) for s, part in parts.items()}
+    log(f"decoded in {time.time() - t0:.1f} s; train {len(parts['train'])}, val {len(parts['val'])}, test {len(parts['test'])}")
+
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config.architecture, channels=config.channels, learning_rate=config.learning_rate)
+    train_ds = data_mod.make_tf_dataset(images["train"], parts["train"]["label"], batch_size=config.batch_size,
+                                        shuffle=True, seed=config.seed, channels=config.channels,
+                                        augment=flip_augment if arch.augment_flips else None)
+    val_ds = data_mod.make_tf_dataset(images["val"], parts["val"]["label"], batch_size=config.batch_size,
+                                      channels=config.channels)
+    steps = int(np.ceil(len(parts["train"]) / config.batch_size))
+    if config.max_steps_per_epoch:
+        steps = min(steps, config.max_steps_per_epoch)
+        train_ds = train_ds.take(steps)
+    progress = _progress_callback(progress_path, out / HISTORY_FILE, config.epochs, steps, on_progress)
+    weights = class_weights(parts["train"]["label"].to_numpy()) if arch.class_weighted else None
+    t0 = time.time()
+    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[progress], class_weight=weights,
+              verbose=0)
+    fit_seconds = time.time() - t0
+    probs = {split: predict_arrays(model, images[split], channels=config.channels, batch_size=128)
+             for split in ("val", "test")}
+    return model, probs, {"progress_rows": progress.rows, "steps": steps, "fit_seconds": fit_seconds,
+                          "trained_images": config.epochs * min(len(parts["train"]), steps * config.batch_size)}
+
+
+def _fit_feature_head(config: TrainConfig, frame: pd.DataFrame, parts: dict[str, pd.DataFrame], out: Path,
+                      progress_path: Path | None, on_progress: Callable[[dict], None] | None,
+                      log: Callable[[str], None]) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
+    """Frozen backbone: fit the Dense(1) head on cached features and put it into the full classifier.
+
+    Features come from `features.cached_features` for the whole dataset (one cache entry, shared with
+    cross-validation). The head's L2 is chosen on the validation split, as in `mammo_core cv`.
+    """
+    from . import features
+    from .model import build_model
+
+    full = features.cached_features(frame["path"].tolist(), architecture=config.architecture, log=log)
+    row = pd.Series(np.arange(len(frame)), index=[os.path.abspath(p) for p in frame["path"]])
+    feats = {s: full[row[[os.path.abspath(p) for p in part["path"]]].to_numpy()] for s, part in parts.items()}
+    labels = {s: part["label"].to_numpy() for s, part in parts.items()}
+    steps = int(np.ceil(len(parts["train"]) / config.batch_size))
+    t0 = time.time()
+    fit = features.select_head(
+        feats["train"], labels["train"], feats["val"], labels["val"], epochs=config.epochs,
+        batch_size=config.batch_size, learning_rate=config.learning_rate or 1e-3, seed=config.seed,
+        callbacks_for=lambda i: [_progress_callback(progress_path, out / HISTORY_FILE, config.epochs, steps, on_progress)],
+    )
+    fit_seconds = time.time() - t0
+    pd.DataFrame(fit["history"]).to_csv(out / HISTORY_FILE, index=False)  # the chosen head's curves
+    log(f"head: L2 {fit['l2']} chosen on validation AUC ({fit['val_auc']:.3f}), epoch {fit['best_epoch']}")
+    model = build_model(config.architecture, channels=config.channels)
+    features.set_head(model, fit["kernel"], fit["bias"])
+    probs = {s: features.head_probabilities(feats[s], fit["kernel"], fit["bias"]) for s in ("val", "test")}
+    seconds = features.extraction_seconds(frame["path"].tolist(), architecture=config.architecture)
+    card_training = {
+        "strategy": "frozen ImageNet backbone; Dense(1) head trained on cached pooled features",
+        "head": {"l2": fit["l2"], "dropout": features.HEAD_DROPOUT, "best_epoch": fit["best_epoch"],
+                 "selection": "L2 by validation AUC, epoch by validation loss", "candidates": fit["candidates"]},
+        "feature_extraction_images_per_second": round(len(frame) / seconds, 1) if seconds else None,
+    }
+    return model, probs, {"progress_rows": fit["history"], "steps": steps, "fit_seconds": fit_seconds,
+                          "trained_images": len(parts["train"]) * config.epochs * len(fit["candidates"]),
+                          "card_training": card_training}
+
+
+def _train_into(config: TrainConfig, out: Path, root: Path, progress_path: Path | None,
+                on_progress: Callable[[dict], None] | None, log: Callable[[str], None]) -> dict[str, Any]:
+    from .model import get_architecture
 
     data_root = Path(config.data_dir)
     frame = data_mod.scan_dataset(data_root, patient_map=config.patient_map)
@@ -286,32 +366,15 @@ def _train_into(config: TrainConfig, out: Path, root: Path, progress_path: Path 
     for s, part in parts.items():
         if part["label"].nunique() < 2:
             raise DatasetError(f"{data_root}: the {s} split has only one class; it needs both benign and malignant images.")
-    log(f"decoding {len(frame)} images from {data_root} ...")
-    t0 = time.time()
-    images = {s: data_mod.load_images(part["path"].tolist()) for s, part in parts.items()}
-    log(f"decoded in {time.time() - t0:.1f} s; train {len(parts['train'])}, val {len(parts['val'])}, test {len(parts['test'])}")
-
-    keras.utils.set_random_seed(config.seed)
     arch = get_architecture(config.architecture)
-    model = build_model(config.architecture, channels=config.channels, learning_rate=config.learning_rate)
-    train_ds = data_mod.make_tf_dataset(images["train"], parts["train"]["label"], batch_size=config.batch_size,
-                                        shuffle=True, seed=config.seed, channels=config.channels)
-    val_ds = data_mod.make_tf_dataset(images["val"], parts["val"]["label"], batch_size=config.batch_size,
-                                      channels=config.channels)
-    steps = int(np.ceil(len(parts["train"]) / config.batch_size))
-    if config.max_steps_per_epoch:
-        steps = min(steps, config.max_steps_per_epoch)
-        train_ds = train_ds.take(steps)
-    progress = _progress_callback(progress_path, out / HISTORY_FILE, config.epochs, steps, on_progress)
-    t0 = time.time()
-    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[progress], verbose=0)
-    fit_seconds = time.time() - t0
-    trained_images = config.epochs * min(len(parts["train"]), steps * config.batch_size)
+    if arch.strategy == "features":
+        model, probs, fitted = _fit_feature_head(config, frame, parts, out, progress_path, on_progress, log)
+    else:
+        model, probs, fitted = _fit_on_images(config, arch, parts, out, progress_path, on_progress, log)
+    progress, steps, fit_seconds, trained_images = (fitted[k] for k in ("progress_rows", "steps", "fit_seconds",
+                                                                          "trained_images"))
 
-    preds = {}
-    for split in ("val", "test"):
-        probs = predict_arrays(model, images[split], channels=config.channels, batch_size=128)
-        preds[split] = _predictions_table(parts[split], probs, data_root)
+    preds = {split: _predictions_table(parts[split], probs[split], data_root) for split in ("val", "test")}
     preds["test"].to_csv(out / PREDICTIONS_FILE, index=False)
     preds["val"].to_csv(out / VAL_PREDICTIONS_FILE, index=False)
     metrics = {s: compute_metrics(p["label"], p["probability"], threshold=DEFAULT_THRESHOLD) for s, p in preds.items()}
@@ -338,8 +401,11 @@ def _train_into(config: TrainConfig, out: Path, root: Path, progress_path: Path 
             "loss": "binary_crossentropy", "validation": "val split (never the test split)",
             "steps_per_epoch": steps, "fit_seconds": round(fit_seconds, 1),
             "images_per_second": round(trained_images / fit_seconds, 1) if fit_seconds else None,
-            "final_epoch": progress.rows[-1] if progress.rows else None,
+            "final_epoch": progress[-1] if progress else None,
+            "class_weighted": arch.class_weighted, "augment_flips": arch.augment_flips,
+            **fitted.get("card_training", {}),
         },
+        **({"cam_layer": arch.cam_layer} if arch.cam_layer else {}),
         "threshold": DEFAULT_THRESHOLD,
         "evaluation": {"protocol": config.protocol, "note": note},
         "metrics": metrics,

