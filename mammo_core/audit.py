@@ -27,6 +27,7 @@ import math
 import os
 import re
 import sqlite3
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -92,11 +93,30 @@ class AuditLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as conn:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = self._enable_wal(conn)
             if str(mode).lower() != "wal":
                 log.warning("audit log %s: WAL mode unavailable (journal_mode=%s)", self.path, mode)
             with self._write(conn):
                 conn.execute(_SCHEMA)
+
+    @staticmethod
+    def _enable_wal(conn: sqlite3.Connection) -> str:
+        """Switch to WAL. Changing the journal mode needs an exclusive lock and SQLite answers
+        'database is locked' at once (no busy wait) while another process holds it, e.g. when several
+        sessions open a new log together; so retry until the busy timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        delay = 0.005
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+                if str(mode).lower() == "wal":
+                    return mode
+                return conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -186,12 +206,21 @@ class AuditLog:
         writer.writerow(COLUMNS)
         with self._connect() as conn:
             for row in conn.execute(f"SELECT {', '.join(COLUMNS)} FROM scores ORDER BY id"):
-                writer.writerow(["" if value is None else value for value in tuple(row)])
+                writer.writerow([_csv_safe(value) for value in tuple(row)])
         return buffer.getvalue()
 
     def __len__(self) -> int:
         with self._connect() as conn:
             return int(conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0])
+
+
+def _csv_safe(value: object) -> object:
+    """Neutralise spreadsheet formulas: text starting with = + - @ (or a tab/CR) gets a leading quote."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def _check_sha256(name: str, value: str) -> str:

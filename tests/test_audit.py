@@ -114,6 +114,15 @@ def test_csv_export_has_header_and_rows(tmp_path):
     assert float(tricky[COLUMNS.index("probability")]) == pytest.approx(0.95)
 
 
+def test_csv_export_neutralises_spreadsheet_formulas(tmp_path):
+    log = AuditLog(tmp_path / "a.sqlite3")
+    _record(log, "c", file_name="=HYPERLINK(\"http://x\").png", note="@SUM(A1)")
+    row = list(csv.reader(io.StringIO(log.to_csv())))[1]
+    assert row[COLUMNS.index("file_name")] == "'=HYPERLINK(\"http://x\").png"
+    assert row[COLUMNS.index("reviewer_note")] == "'@SUM(A1)"
+    assert log.recent()[0]["file_name"].startswith("=")  # stored as given; only the export is guarded
+
+
 def test_file_name_is_kept_as_given(tmp_path):
     log = AuditLog(tmp_path / "a.sqlite3")
     _record(log, "x", file_name=None)
