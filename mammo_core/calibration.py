@@ -16,24 +16,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .evaluate import validate_predictions
+
 _EPS = 1e-7  # Keras' clipping, so logits of saturated float32 probabilities stay finite
 COMPUTED_ON = "validation split"
 VAL_PREDICTIONS_FILE = "val_predictions.csv"
 UNCALIBRATED_COLUMN = "probability_uncalibrated"
-
-
-def _arrays(labels: Sequence[int], probabilities: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(labels, dtype=int).ravel()
-    p = np.asarray(probabilities, dtype=float).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"labels and probabilities differ in length: {y.size} vs {p.size}")
-    if y.size == 0:
-        raise ValueError("no predictions to calibrate on")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError(f"labels must be 0 or 1, got values {sorted(set(y.tolist()) - {0, 1})[:5]}")
-    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
-        raise ValueError("probabilities must be finite and within [0, 1]")
-    return y, p
 
 
 def logit(probabilities: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -54,7 +42,7 @@ def apply_temperature(probabilities: Sequence[float] | np.ndarray, temperature: 
 
 def brier(labels: Sequence[int], probabilities: Sequence[float]) -> float:
     """Brier score: mean squared difference between probability and outcome (0 best, 0.25 = always 0.5)."""
-    y, p = _arrays(labels, probabilities)
+    y, p = validate_predictions(labels, probabilities)
     return float(np.mean((p - y) ** 2))
 
 
@@ -66,7 +54,7 @@ def fit_temperature(labels: Sequence[int], probabilities: Sequence[float]) -> fl
     """
     from scipy.optimize import minimize_scalar
 
-    y, p = _arrays(labels, probabilities)
+    y, p = validate_predictions(labels, probabilities)
     z = logit(p)
 
     def nll(log_t: float) -> float:
@@ -98,7 +86,7 @@ def choose_thresholds(labels: Sequence[int], probabilities: Sequence[float], *,
     Candidates are the distinct predicted probabilities (plus 1.0), so every constraint is met exactly
     on these predictions.
     """
-    y, p = _arrays(labels, probabilities)
+    y, p = validate_predictions(labels, probabilities)
     if len(np.unique(y)) < 2:
         raise ValueError("operating points need both classes among the predictions")
     candidates = np.unique(np.concatenate([p, [1.0]]))  # ascending
@@ -123,8 +111,8 @@ def operating_points(val_labels: Sequence[int], val_probabilities: Sequence[floa
     Returns a list of {"name", "threshold", "sensitivity", "specificity", "test_sensitivity",
     "test_specificity", "computed_on"} (test values are None when no test predictions are given).
     """
-    yv, pv = _arrays(val_labels, val_probabilities)
-    test = _arrays(test_labels, test_probabilities) if test_labels is not None else None
+    yv, pv = validate_predictions(val_labels, val_probabilities)
+    test = validate_predictions(test_labels, test_probabilities) if test_labels is not None else None
     points = []
     for name, t in choose_thresholds(yv, pv).items():
         sens, spec = _rates(yv, pv, t)

@@ -14,7 +14,8 @@ from sklearn import metrics as skm
 from .config import CLASS_NAMES, DEFAULT_THRESHOLD
 
 
-def _validate(labels: Sequence[int], probabilities: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def validate_predictions(labels: Sequence[int], probabilities: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Check and convert labels (0/1) and probabilities ([0, 1]) to flat arrays; ValueError naming the problem."""
     y = np.asarray(labels, dtype=int).ravel()
     p = np.asarray(probabilities, dtype=float).ravel()
     if y.shape != p.shape:
@@ -30,14 +31,14 @@ def _validate(labels: Sequence[int], probabilities: Sequence[float]) -> tuple[np
 
 def log_loss(labels: Sequence[int], probabilities: Sequence[float]) -> float:
     """Mean binary cross-entropy, with Keras' clipping (1e-7) so it matches `model.evaluate`."""
-    y, p = _validate(labels, probabilities)
+    y, p = validate_predictions(labels, probabilities)
     p = np.clip(p, 1e-7, 1 - 1e-7)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 def auc(labels: Sequence[int], probabilities: Sequence[float]) -> float:
     """Area under the ROC curve; NaN when only one class is present."""
-    y, p = _validate(labels, probabilities)
+    y, p = validate_predictions(labels, probabilities)
     if len(np.unique(y)) < 2:
         return float("nan")
     return float(skm.roc_auc_score(y, p))
@@ -45,7 +46,7 @@ def auc(labels: Sequence[int], probabilities: Sequence[float]) -> float:
 
 def roc_points(labels: Sequence[int], probabilities: Sequence[float]) -> dict[str, list[float]]:
     """ROC curve as lists: false-positive rate, true-positive rate and the thresholds."""
-    y, p = _validate(labels, probabilities)
+    y, p = validate_predictions(labels, probabilities)
     fpr, tpr, thr = skm.roc_curve(y, p)
     thr = np.minimum(thr, 1.0)  # sklearn puts +inf first; 1.0 is as strict and serialisable
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thr.tolist()}
@@ -53,7 +54,7 @@ def roc_points(labels: Sequence[int], probabilities: Sequence[float]) -> dict[st
 
 def confusion(labels: Sequence[int], probabilities: Sequence[float], *, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
     """2x2 confusion matrix [[TN, FP], [FN, TP]] with "malignant" when probability >= threshold."""
-    y, p = _validate(labels, probabilities)
+    y, p = validate_predictions(labels, probabilities)
     return skm.confusion_matrix(y, (p >= threshold).astype(int), labels=[0, 1])
 
 
@@ -68,7 +69,7 @@ def compute_metrics(
     """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be within [0, 1], got {threshold}")
-    y, p = _validate(labels, probabilities)
+    y, p = validate_predictions(labels, probabilities)
     pred = (p >= threshold).astype(int)
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         y, pred, labels=[0, 1], zero_division=0
