@@ -147,7 +147,8 @@ def main() -> None:
     ok, rows = [], []
     for (fname, pred), fid in zip(results, file_ids):
         if pred.error is not None:
-            st.error(f"**{fname}** could not be scored: {pred.error}")
+            reason = pred.error.removeprefix(f"{fname}: ")  # the message already names the file
+            st.error(f"**{fname}** could not be scored: {reason}")
             continue
         decision = predictor.decision(pred.probability, threshold)
         row_id = record_in_audit(log, predictor, fid, pred, threshold, decision)
