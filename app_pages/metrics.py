@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from mammo_core import evaluate, plots
+from mammo_core.calibration import brier
 from mammo_core.config import CLASS_NAMES, REPO_ROOT, data_dir
 from mammo_core.registry import HISTORY_FILE
 from app_pages import _shared as shared
@@ -240,7 +241,7 @@ def main() -> None:
             columns = [(UNCALIBRATED, f"{n} before calibration"), ("probability", f"{n} calibrated")]
         for column, label in columns:
             curves.append({"label": label, "table": plots.reliability_table(t["label"], t[column]),
-                           "brier": plots.brier_score(t["label"], t[column])})
+                           "brier": brier(t["label"], t[column])})
     st.plotly_chart(plots.reliability_figure(curves), key="reliability")
     for n, c, _, _ in data:
         if c.get("calibration") or cross_validations(c) or c.get("operating_points"):

@@ -155,13 +155,6 @@ def reliability_table(labels: Sequence[int], probabilities: Sequence[float], *, 
     return pd.DataFrame(rows, columns=["bin", "mean_predicted", "fraction_malignant", "count"])
 
 
-def brier_score(labels: Sequence[int], probabilities: Sequence[float]) -> float:
-    """Mean squared difference between probability and outcome (0 is perfect, 0.25 is a coin)."""
-    y = np.asarray(labels, dtype=float)
-    p = np.asarray(probabilities, dtype=float)
-    return float(np.mean((p - y) ** 2))
-
-
 def reliability_figure(curves: Iterable[dict[str, Any]]) -> Any:
     """Reliability diagram: dicts with label, table (from `reliability_table`) and brier."""
     import plotly.graph_objects as go

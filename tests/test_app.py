@@ -260,8 +260,10 @@ def test_reliability_table_and_brier_score():
     assert table["fraction_malignant"].tolist() == [0.0, 0.0, 1.0, 1.0]
     assert table["mean_predicted"].tolist() == pytest.approx([0.05, 0.15, 0.85, 0.95])
     assert plots.reliability_table([1], [1.0])["bin"].tolist() == ["0.9-1.0"]  # p = 1 lands in the last bin
-    assert plots.brier_score([0, 1], [0.0, 1.0]) == 0.0
-    assert plots.brier_score([0, 1], [0.5, 0.5]) == pytest.approx(0.25)
+    from mammo_core.calibration import brier
+
+    assert brier([0, 1], [0.0, 1.0]) == 0.0
+    assert brier([0, 1], [0.5, 0.5]) == pytest.approx(0.25)
 
 
 def test_fit_for_display_downscales_keeping_aspect_and_never_upscales():
