@@ -15,6 +15,7 @@ import streamlit as st
 from app_pages import _shared as shared
 
 st.set_page_config(page_title="Mammogram research tool", page_icon=":material/radiology:", layout="wide")
+shared.keep_keras_state_between_reruns()
 
 
 def home() -> None:

@@ -22,6 +22,35 @@ PAPER_TABLE1 = {  # the paper's reported Table 1 (paper split), for reference on
 }
 
 
+def keep_keras_state_between_reruns() -> None:
+    """Stop Streamlit from calling `keras.backend.clear_session()` after every script run.
+
+    Streamlit does that (in `script_runner._clean_problem_modules`) for apps that build a new model on
+    each rerun. Ours builds each model once, in `st.cache_resource`, so the clean-up frees nothing;
+    but it also empties TensorFlow's kernel cache, so the first model call of every rerun
+    re-optimises the compiled probability + Grad-CAM graph: about 0.2 s per upload with the
+    EfficientNet model, in every session, whenever any session finishes a run. The matplotlib part of
+    the clean-up is kept. Idempotent; does nothing if Streamlit's internals change (pinned version).
+    """
+    try:
+        from streamlit.runtime.scriptrunner import script_runner
+    except ImportError:  # pragma: no cover - a Streamlit without this module does no such clean-up
+        return
+    original = getattr(script_runner, "_clean_problem_modules", None)
+    if original is None or getattr(original, "keeps_keras", False):
+        return
+
+    def clean_problem_modules_but_keras() -> None:
+        import sys
+
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close("all")
+
+    clean_problem_modules_but_keras.keeps_keras = True  # type: ignore[attr-defined]
+    clean_problem_modules_but_keras.__wrapped__ = original  # type: ignore[attr-defined]
+    script_runner._clean_problem_modules = clean_problem_modules_but_keras
+
+
 def weights_root() -> Path:
     return weights_dir()
 

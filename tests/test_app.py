@@ -107,6 +107,31 @@ def test_review_scores_uploads_and_threshold_does_not_rescore(app_env, tiny_weig
     assert AuditLog(default_audit_path()).recent(limit=1)[0]["reviewer_note"] == "second reader agrees"
 
 
+def test_reruns_keep_keras_and_the_tensorflow_kernel_cache(app_env, tiny_weights, sample_png, monkeypatch):
+    """Streamlit calls keras.backend.clear_session() after each script run, which empties TensorFlow's
+    kernel cache and makes the first model call of every rerun re-optimise the Grad-CAM graph; the
+    app turns that clean-up off (it builds each model once, in st.cache_resource)."""
+    import keras
+    from streamlit.runtime.scriptrunner import script_runner
+
+    app_env(tiny_weights)
+    streamlit_cleanup = getattr(script_runner._clean_problem_modules, "__wrapped__", script_runner._clean_problem_modules)
+    monkeypatch.setattr(script_runner, "_clean_problem_modules", streamlit_cleanup)  # as if never patched
+    cleared = []
+    monkeypatch.setattr(keras.backend, "clear_session", lambda *a, **k: cleared.append(1))
+    streamlit_cleanup()
+    assert cleared == [1], "Streamlit's own clean-up no longer clears the Keras session; the patch may be obsolete"
+    cleared.clear()
+
+    at = start("review")
+    at.file_uploader[0].set_value([("scan.png", sample_png, "image/png")]).run()
+    at.slider[0].set_value(0.3).run()
+    no_exception(at)
+    assert metric(at, "Probability of malignancy")
+    assert cleared == []
+    assert script_runner._clean_problem_modules.keeps_keras
+
+
 def test_review_batch_worklist_is_sorted_by_probability(app_env, tiny_weights):
     from tests.factories import png_bytes, synthetic_mammogram
 
