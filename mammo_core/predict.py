@@ -149,14 +149,19 @@ class Predictor:
         """Score (source, name) pairs in batches; yields one Prediction per input, in input order.
 
         Files are decoded in worker threads and batched by a tf.data pipeline that prefetches the
-        next batch while the model runs on the current one. Unreadable inputs are yielded with
-        `error` set. `progress(n)` is called after each batch with the number of inputs done.
+        next batch while the model runs on the current one. Inputs that fit in one batch (the app's
+        usual upload) skip the pipeline: it has nothing to overlap and its set-up costs more than
+        scoring one image. Unreadable inputs are yielded with `error` set. `progress(n)` is called
+        after each batch with the number of inputs done.
         """
-        import tensorflow as tf
-
         items = list(items)
         if not items:
             return
+        if len(items) <= batch_size:
+            yield from self._score_one_batch(items, with_cam=with_cam, keep_images=keep_images, progress=progress)
+            return
+        import tensorflow as tf
+
         preds: list[Prediction | None] = [None] * len(items)
 
         def decoded() -> Iterator[tuple[int, np.ndarray]]:
@@ -187,6 +192,20 @@ class Predictor:
             emitted += 1
         if progress:
             progress(emitted)
+
+    def _score_one_batch(self, items: list[tuple[Source, str | None]], *, with_cam: bool, keep_images: bool,
+                         progress: Callable[[int], None] | None) -> Iterator[Prediction]:
+        preds = [_decode(*item) for item in items]
+        good = [i for i, pred in enumerate(preds) if pred.error is None]
+        if good:
+            probs, cams = self.score_arrays(np.stack([resize_for_model(preds[i].image.pixels) for i in good]),
+                                            with_cam=with_cam)
+            for j, i in enumerate(good):
+                self._fill(preds[i], float(probs[j]), cams[j] if cams is not None else None)
+        if progress:
+            progress(len(preds))
+        for pred in preds:
+            yield self._strip(pred, keep_images)
 
     def _fill(self, pred: Prediction, probability: float, heatmap: np.ndarray | None) -> None:
         pred.probability = probability

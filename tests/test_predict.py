@@ -19,12 +19,13 @@ def predictor(tiny_weights):
     return Predictor.load("tiny-paper", root=tiny_weights)
 
 
-def test_batches_keep_order_and_report_failures(predictor):
+@pytest.mark.parametrize("batch_size", [3, 16], ids=["tf.data pipeline", "one batch, no pipeline"])
+def test_batches_keep_order_and_report_failures(predictor, batch_size):
     good = [png_bytes(synthetic_mammogram(s, malignant=bool(s % 2))) for s in range(7)]
     items = [(good[0], "g0"), (b"", "empty"), (good[1], "g1"), (good[2], "g2"), (b"junk", "junk"),
              *[(g, f"g{i}") for i, g in enumerate(good[3:], start=3)], (b"", "tail-empty")]
     done = []
-    batched = list(predictor.score_many(items, batch_size=3, progress=done.append))
+    batched = list(predictor.score_many(items, batch_size=batch_size, progress=done.append))
     assert [p.name for p in batched] == [name for _, name in items]
     assert [p.error is not None for p in batched] == [False, True, False, False, True, False, False, False, False, True]
     assert done[-1] == len(items) and done == sorted(done)
@@ -36,9 +37,11 @@ def test_batches_keep_order_and_report_failures(predictor):
             assert p.label == predictor.decision(p.probability) and len(p.sha256) == 64
 
 
-def test_all_inputs_bad(predictor):
-    out = list(predictor.score_many([(b"", "a"), (b"xx", "b")]))
-    assert [p.error is not None for p in out] == [True, True]
+@pytest.mark.parametrize("batch_size", [1, 32])
+def test_all_inputs_bad(predictor, batch_size):
+    done = []
+    out = list(predictor.score_many([(b"", "a"), (b"xx", "b")], batch_size=batch_size, progress=done.append))
+    assert [p.error is not None for p in out] == [True, True] and done[-1] == 2
 
 
 def test_probability_only_matches_gradcam_path(predictor):
