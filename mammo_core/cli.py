@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         data_dir=str(dataset), name=args.name, architecture=args.arch, protocol=args.protocol,
         group_by=args.group_by, patient_map=patient_map, epochs=args.epochs, batch_size=args.batch_size,
-        seed=args.seed, channels=args.channels, learning_rate=args.learning_rate,
+        seed=args.seed, channels=args.channels, learning_rate=args.learning_rate, precision=args.precision,
         max_steps_per_epoch=args.max_steps,
     )
     try:
@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--channels", type=int, default=1, choices=(1, 3), help="1 = grayscale (default); 3 = RGB copies as the authors did")
     p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "mixed_bfloat16"),
+                   help="paper-cnn's training arithmetic: auto = bfloat16 convolutions (conv2, conv3) on a CPU with "
+                        "native bfloat16, else float32")
     p.add_argument("--max-steps", type=int, default=None, help="cap batches per epoch (smoke tests)")
     p.add_argument("--progress-file", type=Path, default=None, help="write live progress JSON here")
     p.add_argument("--calibrate", action="store_true", help="then fit temperature scaling and operating points on the validation split")

@@ -183,6 +183,7 @@ class ImageModelTrainer:
         self.arch = get_architecture(config.architecture)
         self.config = config
         self.epochs = config.epochs or self.DEFAULT_EPOCHS
+        self.computation: dict[str, str] | None = None  # set by the first fold (fast_training.training_model)
         log(f"decoding {len(frame)} images ...")
         t0 = time.time()
         self.images = data_mod.load_images(frame["path"].tolist())
@@ -198,11 +199,13 @@ class ImageModelTrainer:
             "optimizer": a.optimizer, "learning_rate": a.learning_rate,
             "class_weighted": a.class_weighted, "augment_flips": a.augment_flips,
             "selection": "epoch with the lowest validation loss (validation part of the training folds)",
+            **({"computation": self.computation} if self.computation else {}),
         }
 
     def __call__(self, train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, seed: int) -> dict[str, Any]:
         import keras
 
+        from .fast_training import training_model
         from .features import class_weights
         from .model import build_model, flip_augment
         from .predict import predict_arrays
@@ -212,6 +215,7 @@ class ImageModelTrainer:
         val = _subsample(val, cfg.val_copies_per_source, seed)
         keras.utils.set_random_seed(seed)
         model = build_model(cfg.architecture, channels=1)
+        trainer, self.computation = training_model(model, self.arch)
         train_ds = data_mod.make_tf_dataset(self.images[train.index], train["label"], batch_size=cfg.batch_size,
                                             shuffle=True, seed=seed,
                                             augment=flip_augment if self.arch.augment_flips else None)
@@ -224,8 +228,8 @@ class ImageModelTrainer:
                     best.update(loss=logs["val_loss"], epoch=epoch + 1, weights=[w.copy() for w in model.get_weights()])
 
         weights = class_weights(train["label"].to_numpy()) if self.arch.class_weighted else None
-        model.fit(train_ds, validation_data=val_ds, epochs=self.epochs, class_weight=weights,
-                  callbacks=[KeepBest()], verbose=0)
+        trainer.fit(train_ds, validation_data=val_ds, epochs=self.epochs, class_weight=weights,
+                    callbacks=[KeepBest()], shuffle=False, verbose=0)  # the dataset shuffles
         model.set_weights(best["weights"])
         return {
             "val": predict_arrays(model, self.images[val.index], channels=1),

@@ -190,7 +190,7 @@ def cli_args(config: Any, root: Path, progress_path: Path) -> list[str]:
             "--data", str(config.data_dir), "--name", config.name, "--arch", config.architecture,
             "--protocol", config.protocol, "--group-by", config.group_by,
             "--epochs", str(config.epochs), "--batch-size", str(config.batch_size), "--seed", str(config.seed),
-            "--channels", str(config.channels), "--progress-file", str(progress_path)]
+            "--channels", str(config.channels), "--precision", config.precision, "--progress-file", str(progress_path)]
     if config.patient_map:
         args += ["--patient-map", str(config.patient_map)]
     if config.learning_rate is not None:

@@ -69,6 +69,8 @@ class TrainConfig:
     seed: int = DEFAULT_SEED
     channels: int = 1
     learning_rate: float | None = None
+    #: paper-cnn only: "auto", "float32" or "mixed_bfloat16" (`fast_training`); other architectures train in float32
+    precision: str = "auto"
     max_steps_per_epoch: int | None = None  # for smoke tests; None trains on every batch
 
     def validate(self) -> None:
@@ -85,6 +87,10 @@ class TrainConfig:
         for key in ("epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        from .fast_training import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         from .model import get_architecture
@@ -283,6 +289,7 @@ def _fit_on_images(config: TrainConfig, arch, parts: dict[str, pd.DataFrame], ou
     """Decode the images and fit the whole network; returns (model, val/test probabilities, fit facts)."""
     import keras
 
+    from .fast_training import training_model
     from .features import class_weights
     from .model import build_model, flip_augment
     from .predict import predict_arrays
@@ -294,6 +301,9 @@ def _fit_on_images(config: TrainConfig, arch, parts: dict[str, pd.DataFrame], ou
 
     keras.utils.set_random_seed(config.seed)
     model = build_model(config.architecture, channels=config.channels, learning_rate=config.learning_rate)
+    # paper-cnn trains through an equivalent, cheaper computation; `model` is what gets saved
+    trainer, computation = training_model(model, arch, precision=config.precision, learning_rate=config.learning_rate)
+    log(f"training computation: {computation['precision']}, blocks {computation['block_order']}")
     train_ds = data_mod.make_tf_dataset(images["train"], parts["train"]["label"], batch_size=config.batch_size,
                                         shuffle=True, seed=config.seed, channels=config.channels,
                                         augment=flip_augment if arch.augment_flips else None)
@@ -306,13 +316,14 @@ def _fit_on_images(config: TrainConfig, arch, parts: dict[str, pd.DataFrame], ou
     progress = _progress_callback(progress_path, out / HISTORY_FILE, config.epochs, steps, on_progress)
     weights = class_weights(parts["train"]["label"].to_numpy()) if arch.class_weighted else None
     t0 = time.time()
-    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[progress], class_weight=weights,
-              verbose=0)
+    trainer.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[progress], class_weight=weights, shuffle=False,
+                verbose=0)
     fit_seconds = time.time() - t0
     probs = {split: predict_arrays(model, images[split], channels=config.channels, batch_size=128)
              for split in ("val", "test")}
     return model, probs, {"progress_rows": progress.rows, "steps": steps, "fit_seconds": fit_seconds,
-                          "trained_images": config.epochs * min(len(parts["train"]), steps * config.batch_size)}
+                          "trained_images": config.epochs * min(len(parts["train"]), steps * config.batch_size),
+                          "card_training": {"computation": computation}}
 
 
 def _fit_feature_head(config: TrainConfig, frame: pd.DataFrame, parts: dict[str, pd.DataFrame], out: Path,

@@ -48,6 +48,9 @@ def test_model_directory_is_complete(trained):
     for key in ("loss", "accuracy", "auc", "per_class", "macro_avg", "weighted_avg", "confusion_matrix"):
         assert key in test
     assert set(test["per_class"]) == {"benign", "malignant"}
+    computation = card["training"]["computation"]  # paper-cnn trains through fast_training.FastPaperCNN
+    assert computation["block_order"].startswith("conv -> max-pool") and computation["precision"] in (
+        "float32", "mixed_bfloat16")
     history = pd.read_csv(model_dir / "history.csv")
     assert history["epoch"].tolist() == [1] and "val_loss" in history
     preds = pd.read_csv(model_dir / "test_predictions.csv")
