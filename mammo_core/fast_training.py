@@ -10,11 +10,14 @@ and explained. Only the training computation differs, in two ways:
    aside). The bias, the ReLU and their gradients then run on maps four times smaller. In block 1
    that map is 222x222x32 per image, and those memory-bound passes cost about as much as the
    convolution.
-2. With `precision="mixed_bfloat16"`, conv2 and conv3 compute in bfloat16 from float32 weights, as
-   under Keras' mixed-precision policy; there is no loss scaling, which bfloat16 does not need. conv1
-   works on the raw pixels and stays in float32, and so do the dense head and the loss. This pays
-   only on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX). `resolve_precision("auto")`
-   picks it only on such a CPU.
+2. With `precision="mixed_bfloat16"`, the three convolutions and their max-pools compute in bfloat16
+   from float32 weights, as under Keras' mixed-precision policy (no loss scaling: bfloat16 has
+   float32's range). The bias, the ReLU, the dense head and the loss stay float32, and so do the
+   weights and their updates. bfloat16 keeps 8 significant bits, about one grey level of an 8-bit
+   pixel. This pays only on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX), so
+   `resolve_precision("auto")` picks it only there.
+
+Evaluation, prediction and Grad-CAM always run the saved Sequential in float32.
 
 On the 2-core AVX512-BF16 machine described in docs/BENCHMARKS.md, a training step of batch 64 took
 about 0.33 s with both changes, against 0.68 s for the plain Keras model.
@@ -82,8 +85,8 @@ def _keras_model_class():
             import tensorflow as tf
 
             x = tf.cast(inputs, tf.float32)
-            for i, conv in enumerate(self._convs):
-                dtype = tf.bfloat16 if (i > 0 and self.precision == "mixed_bfloat16") else tf.float32
+            for conv in self._convs:
+                dtype = tf.bfloat16 if self.precision == "mixed_bfloat16" else tf.float32
                 z = tf.nn.conv2d(tf.cast(x, dtype), tf.cast(conv.kernel, dtype), strides=1, padding="VALID")
                 z = tf.cast(tf.nn.max_pool2d(z, ksize=2, strides=2, padding="VALID"), tf.float32)
                 x = tf.nn.relu(z + conv.bias)
