@@ -3,7 +3,7 @@
 Each forward and backward piece of one batch-64 training step is timed alone as a compiled
 `tf.function`, on random data of the real shapes. The pieces are the three convolutions (forward,
 filter gradient, input gradient), the bias + ReLU + max-pool passes with their gradients, and the
-dense head. They are timed in both block orders and, for conv2 and conv3, in float32 and bfloat16.
+dense head. They are timed in both block orders, and the convolutions in float32 and bfloat16.
 `mammo_core.fast_training` was designed from this table. The pieces overlap, and the whole
 graph fuses some of them, so the sum is only a guide to a full step.
 """
@@ -43,7 +43,7 @@ def profile(batch: int = 64, repeats: int = 6) -> list[tuple[str, float]]:
     rows: list[tuple[str, float]] = []
     shapes = [((batch, 224, 224, 1), 32), ((batch, 111, 111, 32), 32), ((batch, 54, 54, 32), 64)]
     for i, (in_shape, filters) in enumerate(shapes, start=1):
-        for dtype in ((tf.float32,) if i == 1 else (tf.float32, tf.bfloat16)):
+        for dtype in (tf.float32, tf.bfloat16):
             x = tf.cast(rng.random(in_shape), dtype)
             w = tf.cast(rng.standard_normal((3, 3, in_shape[-1], filters)) * 0.1, dtype)
             y = tf.nn.conv2d(x, w, 1, "VALID")
