@@ -40,12 +40,22 @@ def cpu_has_native_bfloat16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def _gpu_visible() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
 def resolve_precision(precision: str) -> str:
-    """"auto" -> "mixed_bfloat16" on a CPU with native bfloat16, else "float32"; other values are checked."""
+    """"auto" -> "mixed_bfloat16" when training runs on a CPU with native bfloat16, else "float32".
+
+    With a GPU visible, "auto" stays float32: not every GPU has fast bfloat16, and this path was
+    measured on CPUs only. Other values are checked and returned as they are.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        return "mixed_bfloat16" if cpu_has_native_bfloat16() else "float32"
+        return "mixed_bfloat16" if cpu_has_native_bfloat16() and not _gpu_visible() else "float32"
     return precision
 
 

@@ -51,6 +51,13 @@ def test_float32_gives_the_same_outputs_and_gradients(base, batch):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6)
 
 
+def test_rgb_paper_cnn_gives_the_same_outputs(batch):
+    """The authors' 3-channel variant (`--channels 3`) goes through the same computation."""
+    model = build_model("paper-cnn", channels=3)
+    x = np.repeat(batch[0], 3, axis=-1)
+    np.testing.assert_allclose(fast_trainer(model, precision="float32")(x).numpy(), model(x).numpy(), atol=1e-6)
+
+
 def test_mixed_bfloat16_stays_close(base, batch):
     x, _ = batch
     trainer = fast_trainer(base, precision="mixed_bfloat16")
@@ -93,7 +100,10 @@ def test_precision_choice(tmp_path, monkeypatch):
     monkeypatch.setattr(fast_training, "cpu_has_native_bfloat16", lambda: False)
     assert resolve_precision("auto") == "float32"
     monkeypatch.setattr(fast_training, "cpu_has_native_bfloat16", lambda: True)
+    monkeypatch.setattr(fast_training, "_gpu_visible", lambda: False)
     assert resolve_precision("auto") == "mixed_bfloat16"
+    monkeypatch.setattr(fast_training, "_gpu_visible", lambda: True)
+    assert resolve_precision("auto") == "float32"
     assert resolve_precision("float32") == "float32"
     with pytest.raises(ValueError, match="'float16'"):
         resolve_precision("float16")
