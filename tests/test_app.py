@@ -248,6 +248,8 @@ def test_retrain_form_trains_in_background_and_make_active(app_env, tiny_weights
     assert at.text_input(key="retrain_data").value == str(tiny_dataset)
     at.number_input(key="retrain_epochs").set_value(1)
     at.number_input(key="retrain_batch").set_value(8)
+    assert at.selectbox(key="retrain_precision").value == "auto"
+    at.selectbox(key="retrain_precision").set_value("float32")
     at.text_input(key="retrain_name").set_value("ui-model")
     at.button[0].click().run()  # the form's Start button
     no_exception(at)
@@ -265,6 +267,7 @@ def test_retrain_form_trains_in_background_and_make_active(app_env, tiny_weights
     at.run()
     no_exception(at)
     assert metric(at, "Test AUC")  # the new model's card and test metrics are shown
+    assert registry.read_card(root / "ui-model")["training"]["computation"]["precision"] == "float32"
     make_active = [b for b in at.button if b.label == "Make ui-model the active model"]
     assert make_active, [b.label for b in at.button]
     make_active[0].click().run()
