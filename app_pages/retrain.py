@@ -50,7 +50,8 @@ def start_form() -> None:
         seed = c6.number_input("Seed", 0, 2**31 - 1, DEFAULT_SEED, key="retrain_seed")
         precision = c7.selectbox("Arithmetic (paper-cnn)", PRECISIONS, key="retrain_precision",
                                  help="auto: bfloat16 convolutions on a CPU with native bfloat16 (about 2x faster "
-                                      "training, same network), else float32. Prediction always runs in float32.")
+                                      "training, same network), else float32. Other architectures always train in "
+                                      "float32, and prediction always runs in float32.")
         name = st.text_input("Model name (a new folder under weights/; never overwrites one)", key="retrain_name")
         st.caption(PROTOCOL_HELP["grouped"] + ". " + PROTOCOL_HELP["paper"] + ".")
         submitted = st.form_submit_button("Start training", type="primary")

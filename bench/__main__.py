@@ -217,7 +217,7 @@ def bench_training_one(data: Path, steps: int, contender: str) -> dict:
         t = time.perf_counter()
         images = data_mod.load_images(train_paths["path"].tolist())
         decode_s = time.perf_counter() - t
-        model = build_model("paper-cnn", channels=1)
+        model = build_model("paper-cnn", channels=1, compile=contender == "ours_plain")
         if contender != "ours_plain":  # what `mammo_core train` fits: fast_training's equivalent computation
             model, computation = training_model(model, get_architecture("paper-cnn"))
             precision = computation["precision"]

@@ -17,6 +17,10 @@ from typing import Sequence
 
 from .config import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_SEED, data_dir
 from .errors import MammoError
+from .fast_training import PRECISIONS
+
+PRECISION_HELP = ("paper-cnn's training arithmetic: auto = bfloat16 convolutions on a CPU with native bfloat16 "
+                  "(same network, about 2x faster), else float32; other architectures always train in float32")
 
 EXIT_OK, EXIT_FAIL, EXIT_REJECTED, EXIT_CANCELLED = 0, 1, 2, 130
 
@@ -89,7 +93,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
             data_dir=str(dataset), architecture=args.arch, k=args.k, group_by=args.group_by,
             patient_map=_patient_map_for(Path(dataset), args.group_by, args.patient_map), seed=args.seed,
             epochs=args.epochs, batch_size=args.batch_size, copies_per_source=args.copies_per_source,
-            val_copies_per_source=args.val_copies_per_source, n_boot=args.n_boot,
+            val_copies_per_source=args.val_copies_per_source, n_boot=args.n_boot, precision=args.precision,
         )
         results, oof = run_cv(config, log=lambda m: print(m, file=sys.stderr, flush=True))
         out = args.out or Path("cv-results") / f"{args.arch}-{args.group_by}-k{args.k}-seed{args.seed}"
@@ -295,9 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--channels", type=int, default=1, choices=(1, 3), help="1 = grayscale (default); 3 = RGB copies as the authors did")
     p.add_argument("--learning-rate", type=float, default=None)
-    p.add_argument("--precision", default="auto", choices=("auto", "float32", "mixed_bfloat16"),
-                   help="paper-cnn's training arithmetic: auto = bfloat16 convolutions (conv2, conv3) on a CPU with "
-                        "native bfloat16, else float32")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--max-steps", type=int, default=None, help="cap batches per epoch (smoke tests)")
     p.add_argument("--progress-file", type=Path, default=None, help="write live progress JSON here")
     p.add_argument("--calibrate", action="store_true", help="then fit temperature scaling and operating points on the validation split")
@@ -315,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copies-per-source", type=int, default=None, help="image models: training copies kept per source image (default: all)")
     p.add_argument("--val-copies-per-source", type=int, default=8, help="image models: validation copies per source image (default 8)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the CIs (default 2000)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--out", type=Path, default=None, help="folder for cv_results.json and oof_predictions.csv (default: cv-results/<arch>-<group-by>-k<k>-seed<seed>)")
     p.add_argument("--into-card", default=None, metavar="MODEL", help="store the results in this model's card (cross_validation or cross_validation_patient)")
     p.add_argument("--from-results", default=None, metavar="JSON", help="store an existing cv_results.json instead of running CV (with --into-card)")

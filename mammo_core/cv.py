@@ -48,11 +48,14 @@ class CVConfig:
     val_copies_per_source: int | None = 8  # image models: validation copies per source image (None: all)
     n_boot: int = 2000
     threshold: float = DEFAULT_THRESHOLD
+    precision: str = "auto"  # paper-cnn only (fast_training); other architectures train in float32
 
     def validate(self) -> None:
+        from .fast_training import check_precision
         from .model import get_architecture
 
         get_architecture(self.architecture)
+        check_precision(self.precision)
         if self.k < 2:
             raise ValueError(f"k must be at least 2, got {self.k}")
         if self.group_by not in data_mod.GROUP_BY:
@@ -214,8 +217,8 @@ class ImageModelTrainer:
         train = _subsample(train, cfg.copies_per_source, seed)
         val = _subsample(val, cfg.val_copies_per_source, seed)
         keras.utils.set_random_seed(seed)
-        model = build_model(cfg.architecture, channels=1)
-        trainer, self.computation = training_model(model, self.arch)
+        model = build_model(cfg.architecture, channels=1, compile=False)
+        trainer, self.computation = training_model(model, self.arch, precision=cfg.precision)
         train_ds = data_mod.make_tf_dataset(self.images[train.index], train["label"], batch_size=cfg.batch_size,
                                             shuffle=True, seed=seed,
                                             augment=flip_augment if self.arch.augment_flips else None)

@@ -11,13 +11,14 @@ and explained. Only the training computation differs, in two ways:
    that map is 222x222x32 per image, and those memory-bound passes cost about as much as the
    convolution.
 2. With `precision="mixed_bfloat16"`, the three convolutions and their max-pools compute in bfloat16
-   from float32 weights, as under Keras' mixed-precision policy (no loss scaling: bfloat16 has
-   float32's range). The bias, the ReLU, the dense head and the loss stay float32, and so do the
-   weights and their updates. bfloat16 keeps 8 significant bits, about one grey level of an 8-bit
-   pixel. This pays only on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX), so
-   `resolve_precision("auto")` picks it only there.
+   from float32 weights. This is like Keras' mixed-precision policy, which would also run the rest in
+   bfloat16; here the bias, the ReLU, the dense head and the loss stay float32. The weights and their
+   updates are float32 too. There is no loss scaling, because bfloat16 has float32's range. bfloat16
+   keeps 8 significant bits, about one grey level of an 8-bit pixel. This pays only on CPUs with
+   native bfloat16 arithmetic (AVX512-BF16 or AMX), so `resolve_precision("auto")` picks it only there.
 
-Evaluation, prediction and Grad-CAM always run the saved Sequential in float32.
+The per-epoch validation figures in history.csv go through the wrapper too, in its precision. The
+card's metrics, predictions and Grad-CAM run the saved Sequential in float32.
 
 On the 2-core AVX512-BF16 machine in docs/BENCHMARKS.md, a batch-64 training step took about 0.29 s with
 both changes (221 images/s), against 0.60 s on plain `model.fit` (107 images/s).
@@ -31,6 +32,12 @@ from typing import Any
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 
 
+def _gpu_visible() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
 def cpu_has_native_bfloat16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """True when the CPU advertises bfloat16 arithmetic (AVX512-BF16 or AMX-BF16); False when unknown."""
     try:
@@ -40,10 +47,10 @@ def cpu_has_native_bfloat16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def _gpu_visible() -> bool:
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
+def check_precision(precision: str) -> None:
+    """Raise ValueError unless `precision` is one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def resolve_precision(precision: str) -> str:
@@ -52,19 +59,35 @@ def resolve_precision(precision: str) -> str:
     With a GPU visible, "auto" stays float32: not every GPU has fast bfloat16, and this path was
     measured on CPUs only. Other values are checked and returned as they are.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     if precision == "auto":
         return "mixed_bfloat16" if cpu_has_native_bfloat16() and not _gpu_visible() else "float32"
     return precision
 
 
 def is_paper_cnn(model: Any) -> bool:
-    """True for a Sequential with paper-cnn's layer sequence (what `FastPaperCNN` knows how to compute)."""
-    kinds = [type(layer).__name__ for layer in getattr(model, "layers", [])]
-    return kinds == ["Conv2D", "MaxPooling2D"] * 3 + ["Flatten", "Dense", "Dropout", "Dense"] and all(
-        layer.get_config().get("padding", "valid") == "valid" and layer.get_config().get("activation", "relu") == "relu"
-        for layer in model.layers[:6:2])
+    """True for a Sequential laid out exactly as paper-cnn, which is what `FastPaperCNN` knows how to compute.
+
+    The layout is: three blocks of a 3x3 convolution (stride 1, valid, with bias, ReLU) and a 2x2
+    max-pool (stride 2, valid), then Flatten, Dense (ReLU), Dropout and Dense(1, sigmoid).
+    """
+    layers = list(getattr(model, "layers", []))
+    kinds = [type(layer).__name__ for layer in layers]
+    if kinds != ["Conv2D", "MaxPooling2D"] * 3 + ["Flatten", "Dense", "Dropout", "Dense"]:
+        return False
+    cfg = [layer.get_config() for layer in layers]
+
+    def pair(value: Any) -> tuple:
+        return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+    convs_ok = all(pair(c["kernel_size"]) == (3, 3) and pair(c["strides"]) == (1, 1)
+                   and pair(c["dilation_rate"]) == (1, 1) and c["padding"] == "valid" and c["use_bias"]
+                   and c["activation"] == "relu" and c.get("groups", 1) == 1 for c in cfg[0:6:2])
+    pools_ok = all(pair(c["pool_size"]) == (2, 2) and pair(c["strides"] or c["pool_size"]) == (2, 2)
+                   and c["padding"] == "valid" for c in cfg[1:6:2])
+    head_ok = (cfg[7]["activation"] == "relu" and cfg[9]["activation"] == "sigmoid" and cfg[9]["units"] == 1
+               and all(c.get("data_format", "channels_last") == "channels_last" for c in cfg[:7]))
+    return convs_ok and pools_ok and head_ok
 
 
 def _keras_model_class():
@@ -101,9 +124,10 @@ def _keras_model_class():
                 z = tf.cast(tf.nn.max_pool2d(z, ksize=2, strides=2, padding="VALID"), tf.float32)
                 x = tf.nn.relu(z + conv.bias)
             x = tf.reshape(x, (tf.shape(x)[0], -1))
-            x = tf.nn.relu(tf.matmul(x, self._dense.kernel) + self._dense.bias)
-            x = self._dropout(x, training=training)
-            return tf.sigmoid(tf.matmul(x, self._output.kernel) + self._output.bias)
+            # the base's own Dense layers: the sigmoid output keeps its logits, so binary
+            # cross-entropy is computed from them (stable where the probability saturates)
+            x = self._dropout(self._dense(x), training=training)
+            return self._output(x)
 
     return FastPaperCNN
 
@@ -115,15 +139,18 @@ def fast_trainer(base: Any, *, precision: str = "auto") -> Any:
 
 def training_model(model: Any, arch: Any, *, precision: str = "auto",
                    learning_rate: float | None = None) -> tuple[Any, dict[str, str]]:
-    """What to call `fit` on for `model`, and a description of the computation for the model card.
+    """What to call `fit` on for an uncompiled `model`, compiled, and a description of the computation.
 
-    A paper-cnn gets a compiled `FastPaperCNN` around it. Any other model is returned as it is: it was
-    already compiled by `model.build_model`, and it trains in float32.
+    A paper-cnn gets a `FastPaperCNN` around it. Any other architecture is returned as it is and trains
+    in float32 whatever `precision` says. Build `model` with `build_model(..., compile=False)`, so the
+    saved model carries no optimizer state of its own.
     """
-    if not is_paper_cnn(model):
-        return model, {"precision": "float32", "block_order": "as built"}
     from .model import compile_model
 
+    check_precision(precision)
+    if not is_paper_cnn(model):
+        compile_model(model, arch, learning_rate=learning_rate)
+        return model, {"precision": "float32", "block_order": "as built"}
     trainer = fast_trainer(model, precision=precision)
     compile_model(trainer, arch, learning_rate=learning_rate)
     return trainer, {"precision": trainer.precision, "block_order": "conv -> max-pool -> bias -> ReLU (equivalent)"}

@@ -87,10 +87,9 @@ class TrainConfig:
         for key in ("epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        from .fast_training import PRECISIONS
+        from .fast_training import check_precision
 
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         from .model import get_architecture
@@ -300,10 +299,12 @@ def _fit_on_images(config: TrainConfig, arch, parts: dict[str, pd.DataFrame], ou
     log(f"decoded in {time.time() - t0:.1f} s; train {len(parts['train'])}, val {len(parts['val'])}, test {len(parts['test'])}")
 
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config.architecture, channels=config.channels, learning_rate=config.learning_rate)
+    model = build_model(config.architecture, channels=config.channels, compile=False)
     # paper-cnn trains through an equivalent, cheaper computation; `model` is what gets saved
     trainer, computation = training_model(model, arch, precision=config.precision, learning_rate=config.learning_rate)
     log(f"training computation: {computation['precision']}, blocks {computation['block_order']}")
+    if computation["block_order"] == "as built" and config.precision == "mixed_bfloat16":
+        log(f"note: --precision applies to paper-cnn only; {config.architecture} trains in float32")
     train_ds = data_mod.make_tf_dataset(images["train"], parts["train"]["label"], batch_size=config.batch_size,
                                         shuffle=True, seed=config.seed, channels=config.channels,
                                         augment=flip_augment if arch.augment_flips else None)

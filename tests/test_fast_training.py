@@ -51,6 +51,22 @@ def test_float32_gives_the_same_outputs_and_gradients(base, batch):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6)
 
 
+def test_confidently_wrong_outputs_still_get_a_gradient(batch):
+    """The wrapper's sigmoid output keeps its logits, so binary cross-entropy does not clip a saturated
+    probability to 1 - 1e-7 and lose the gradient (it matches the Sequential's)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = build_model("paper-cnn", channels=1, compile=False)
+    model.layers[-1].bias.assign([40.0])  # probability ~1 for every image
+    x, _ = batch
+    y = np.zeros((len(x), 1), np.float32)  # every label benign: maximally wrong
+    trainer = fast_trainer(model, precision="float32")
+    grads, want = _grads(trainer, x, y), _grads(model, x, y)
+    assert np.linalg.norm(grads[-1]) > 0.5  # the output bias gradient is ~1 per image, not 0
+    np.testing.assert_allclose(grads[-1], want[-1], rtol=1e-3)
+
+
 def test_rgb_paper_cnn_gives_the_same_outputs(batch):
     """The authors' 3-channel variant (`--channels 3`) goes through the same computation."""
     model = build_model("paper-cnn", channels=3)
@@ -70,7 +86,7 @@ def test_fit_on_the_wrapper_trains_the_sequential(batch):
     import keras
 
     keras.utils.set_random_seed(0)
-    model = build_model("paper-cnn", channels=1)
+    model = build_model("paper-cnn", channels=1, compile=False)
     trainer, computation = training_model(model, get_architecture("paper-cnn"), precision="float32")
     assert computation == {"precision": "float32", "block_order": "conv -> max-pool -> bias -> ReLU (equivalent)"}
     before = [w.copy() for w in model.get_weights()]
@@ -82,12 +98,33 @@ def test_fit_on_the_wrapper_trains_the_sequential(batch):
 
 
 def test_other_architectures_train_as_built():
-    model = build_model("bn-gap-cnn", channels=1)
+    model = build_model("bn-gap-cnn", channels=1, compile=False)
     assert not is_paper_cnn(model)
-    trainer, computation = training_model(model, get_architecture("bn-gap-cnn"))
-    assert trainer is model and computation["precision"] == "float32"
+    trainer, computation = training_model(model, get_architecture("bn-gap-cnn"), precision="mixed_bfloat16")
+    assert trainer is model and computation["precision"] == "float32" and model.optimizer is not None
     with pytest.raises(ValueError, match="not a paper-cnn"):
         fast_trainer(model, precision="float32")
+
+
+def test_a_changed_layout_is_not_taken_for_paper_cnn():
+    """A Sequential of the same layer types but other strides, pool sizes or no bias would be computed
+    wrongly by FastPaperCNN; it must be refused, not silently mistrained."""
+    import keras
+    from keras import layers
+
+    def cnn(conv2=None, pool2=None):
+        return keras.Sequential([
+            keras.Input((64, 64, 1)), layers.Conv2D(4, 3, activation="relu"), layers.MaxPooling2D(2),
+            conv2 or layers.Conv2D(4, 3, activation="relu"), pool2 or layers.MaxPooling2D(2),
+            layers.Conv2D(4, 3, activation="relu"), layers.MaxPooling2D(2), layers.Flatten(),
+            layers.Dense(8, activation="relu"), layers.Dropout(0.5), layers.Dense(1, activation="sigmoid")])
+
+    assert is_paper_cnn(cnn())
+    assert not is_paper_cnn(cnn(conv2=layers.Conv2D(4, 3, strides=2, activation="relu")))
+    assert not is_paper_cnn(cnn(conv2=layers.Conv2D(4, 3, activation="relu", use_bias=False)))
+    assert not is_paper_cnn(cnn(conv2=layers.Conv2D(4, 3, activation="relu", padding="same")))
+    assert not is_paper_cnn(cnn(pool2=layers.MaxPooling2D(3)))
+    assert not is_paper_cnn(cnn(pool2=layers.MaxPooling2D(2, strides=1)))
 
 
 def test_precision_choice(tmp_path, monkeypatch):
