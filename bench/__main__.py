@@ -289,11 +289,11 @@ def report(results: dict, command: str, machine_desc: str) -> str:
     if "training" in results:
         r = results["training"]
         rows.append(f"| 3 | paper-cnn training vs the authors' Keras-2 style loader, flow_from_directory (images/s) | "
-                    f"{r['ours']:.0f} | {r['authors_flow']:.0f} | {r['ours'] / r['authors_flow']:.1f}x | ≥ 2x |")
+                    f"{r['ours']:.0f} | {r['authors_flow']:.0f} | {r['ours'] / r['authors_flow']:.2f}x | ≥ 2x |")
         rows.append(f"| 3 | paper-cnn training vs RGB `image_dataset_from_directory`, parallel tf.data decode (images/s) | "
-                    f"{r['ours']:.0f} | {r['authors']:.0f} | {r['ours'] / r['authors']:.1f}x | |")
+                    f"{r['ours']:.0f} | {r['authors']:.0f} | {r['ours'] / r['authors']:.2f}x | |")
         rows.append(f"| 3 | our input pipeline on plain `model.fit`, without `fast_training` (images/s) | "
-                    f"{r['ours_plain']:.0f} | {r['authors_flow']:.0f} | {r['ours_plain'] / r['authors_flow']:.1f}x | |")
+                    f"{r['ours_plain']:.0f} | {r['authors_flow']:.0f} | {r['ours_plain'] / r['authors_flow']:.2f}x | |")
         rows.append(f"| 3 | ceiling: our training computation on one in-memory batch, no input pipeline (images/s) | "
                     f"{r['compute_bound']:.0f} | | {r['ours'] / r['compute_bound']:.2f} of ceiling | |")
     if "app" in results:
