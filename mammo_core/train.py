@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -154,18 +155,27 @@ def _remove_stale_tmp_dirs(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_cancels() -> Iterator[None]:
-    """Turn SIGTERM into a Cancelled exception so cleanup runs (main thread only)."""
+def _sigterm_cancels() -> Iterator[threading.Event]:
+    """Turn SIGTERM into a Cancelled exception so cleanup runs (main thread only).
+
+    Yields an Event set when SIGTERM arrived. The exception is raised wherever the main thread is, and
+    TensorFlow or Keras code there may wrap it in an error of its own; the caller uses the Event to
+    report such an error as the cancellation it is. A second SIGTERM during the cleanup is ignored.
+    """
+    requested = threading.Event()
+
     def handler(signum, frame):  # noqa: ARG001
-        raise Cancelled("training cancelled")
+        if not requested.is_set():
+            requested.set()
+            raise Cancelled("training cancelled")
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not in the main thread
-        yield
+        yield requested
         return
     try:
-        yield
+        yield requested
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -258,7 +268,7 @@ def train(config: TrainConfig, *, root: str | Path | None = None, progress_path:
     if final_dir.exists():
         raise FileExistsError(f"{final_dir}: a model with this name exists; choose another name (existing models are never overwritten).")
     progress_path = Path(progress_path) if progress_path is not None else None
-    with training_lock(root), _sigterm_cancels():
+    with training_lock(root), _sigterm_cancels() as cancel_requested:
         _remove_stale_tmp_dirs(root)
         tmp_dir = root / f".tmp-{config.name}-{os.getpid()}"
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -270,10 +280,13 @@ def train(config: TrainConfig, *, root: str | Path | None = None, progress_path:
             os.rename(tmp_dir, final_dir)
         except BaseException as exc:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+            cancelled = isinstance(exc, (Cancelled, KeyboardInterrupt)) or cancel_requested.is_set()
             if progress_path is not None:
-                state = "cancelled" if isinstance(exc, (Cancelled, KeyboardInterrupt)) else "failed"
                 with contextlib.suppress(OSError):
-                    atomic_write_text(progress_path, json.dumps({"state": state, "error": str(exc)}))
+                    atomic_write_text(progress_path, json.dumps({"state": "cancelled" if cancelled else "failed",
+                                                                 "error": str(exc)}))
+            if cancelled and not isinstance(exc, (Cancelled, KeyboardInterrupt)):
+                raise Cancelled("training cancelled") from exc  # SIGTERM, wrapped by library code
             raise
     if progress_path is not None:
         atomic_write_text(progress_path, json.dumps({"state": "finished", "model": config.name,
