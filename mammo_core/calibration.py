@@ -17,10 +17,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from .evaluate import validate_predictions
+from .registry import VAL_PREDICTIONS_FILE  # noqa: F401  (callers also import it from here)
 
 _EPS = 1e-7  # Keras' clipping, so logits of saturated float32 probabilities stay finite
 COMPUTED_ON = "validation split"
-VAL_PREDICTIONS_FILE = "val_predictions.csv"
 UNCALIBRATED_COLUMN = "probability_uncalibrated"
 
 
@@ -90,8 +90,7 @@ def choose_thresholds(labels: Sequence[int], probabilities: Sequence[float], *,
     if len(np.unique(y)) < 2:
         raise ValueError("operating points need both classes among the predictions")
     candidates = np.unique(np.concatenate([p, [1.0]]))  # ascending
-    sens = np.array([_rates(y, p, t)[0] for t in candidates])
-    spec = np.array([_rates(y, p, t)[1] for t in candidates])
+    sens, spec = np.array([_rates(y, p, t) for t in candidates]).T
     j = sens + spec - 1
     youden = candidates[np.flatnonzero(j == j.max())[-1]]
     ok_sens = np.flatnonzero(sens >= min_sensitivity)  # sensitivity falls as t rises, so take the last

@@ -140,9 +140,7 @@ class FeatureHeadTrainer:
         from . import features
 
         self.features_mod = features
-        t0 = time.time()
         self.features = features.cached_features(frame["path"].tolist(), architecture=config.architecture, log=log)
-        self.load_seconds = time.time() - t0
         self.extraction_seconds = features.extraction_seconds(frame["path"].tolist(), architecture=config.architecture)
         self.epochs = config.epochs or features.HEAD_EPOCHS
         self.config = config

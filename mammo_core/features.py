@@ -34,13 +34,9 @@ def cache_dir() -> Path:
 
 def _weights_id() -> str:
     from .efficientnet_lite import imagenet_weights_path
+    from .registry import sha256_file
 
-    path = imagenet_weights_path()
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return sha256_file(imagenet_weights_path())[:16]
 
 
 def _cache_key(paths: Sequence[str], flip: bool, architecture: str) -> str:

@@ -132,6 +132,10 @@ def build_efficientnet_lite0_mid(*, channels: int = 1, image_size: int = IMAGE_S
     return keras.Model(backbone.input, probability, name="efficientnet_lite0_mid_classifier")
 
 
+#: How both frozen-backbone EfficientNet variants train: a class-weighted Dense(1) head on cached features.
+_FROZEN_BACKBONE = dict(optimizer="adam", learning_rate=1e-3, strategy="features", class_weighted=True,
+                        fixed_channels=1)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "paper-cnn": Architecture(
         name="paper-cnn",
@@ -153,24 +157,16 @@ ARCHITECTURES: dict[str, Architecture] = {
         description="EfficientNet-Lite0 pretrained on ImageNet, frozen; global average pooling, dropout, Dense(1) "
                     "head trained (L2, class-weighted) on cached pooled features.",
         build=build_efficientnet_lite0,
-        optimizer="adam",
-        learning_rate=1e-3,
-        strategy="features",
-        class_weighted=True,
         cam_layer="top_activation",
-        fixed_channels=1,
+        **_FROZEN_BACKBONE,
     ),
     "efficientnet-lite0-mid": Architecture(
         name="efficientnet-lite0-mid",
         description="EfficientNet-Lite0 pretrained on ImageNet, cut after block 6a's expansion (672 channels, "
                     "14x14), frozen; global average pooling, dropout, Dense(1) head trained on cached features.",
         build=build_efficientnet_lite0_mid,
-        optimizer="adam",
-        learning_rate=1e-3,
-        strategy="features",
-        class_weighted=True,
         cam_layer=MID_CUT_LAYER,
-        fixed_channels=1,
+        **_FROZEN_BACKBONE,
     ),
 }
 

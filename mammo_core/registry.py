@@ -23,6 +23,7 @@ MODEL_FILE = "model.keras"
 CARD_FILE = "card.json"
 HISTORY_FILE = "history.csv"
 PREDICTIONS_FILE = "test_predictions.csv"
+VAL_PREDICTIONS_FILE = "val_predictions.csv"
 ACTIVE_FILE = "ACTIVE"
 
 

@@ -32,11 +32,10 @@ from .config import (CLASS_NAMES, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_SE
                      IMAGE_SIZE, weights_dir)
 from .errors import DatasetError, MammoError, TrainingBusyError
 from .evaluate import compute_metrics
-from .registry import (CARD_FILE, HISTORY_FILE, MODEL_FILE, PREDICTIONS_FILE, atomic_write_text, sha256_file,
-                       write_card)
+from .registry import (CARD_FILE, HISTORY_FILE, MODEL_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE,
+                       atomic_write_text, sha256_file, write_card)
 
 LOCK_FILE = ".train.lock"
-VAL_PREDICTIONS_FILE = "val_predictions.csv"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 PAPER_SPLIT_NOTE = (
@@ -316,7 +315,7 @@ def _fit_on_images(config: TrainConfig, arch, parts: dict[str, pd.DataFrame], ou
     # paper-cnn trains through an equivalent, cheaper computation; `model` is what gets saved
     trainer, computation = training_model(model, arch, precision=config.precision, learning_rate=config.learning_rate)
     log(f"training computation: {computation['precision']}, blocks {computation['block_order']}")
-    if computation["block_order"] == "as built" and config.precision == "mixed_bfloat16":
+    if trainer is model and config.precision == "mixed_bfloat16":  # not a paper-cnn
         log(f"note: --precision applies to paper-cnn only; {config.architecture} trains in float32")
     train_ds = data_mod.make_tf_dataset(images["train"], parts["train"]["label"], batch_size=config.batch_size,
                                         shuffle=True, seed=config.seed, channels=config.channels,
@@ -365,7 +364,7 @@ def _fit_feature_head(config: TrainConfig, frame: pd.DataFrame, parts: dict[str,
     fit_seconds = time.time() - t0
     pd.DataFrame(fit["history"]).to_csv(out / HISTORY_FILE, index=False)  # the chosen head's curves
     log(f"head: L2 {fit['l2']} chosen on validation AUC ({fit['val_auc']:.3f}), epoch {fit['best_epoch']}")
-    model = build_model(config.architecture, channels=config.channels)
+    model = build_model(config.architecture, channels=config.channels, compile=False)  # no optimizer in the saved file
     features.set_head(model, fit["kernel"], fit["bias"])
     probs = {s: features.head_probabilities(feats[s], fit["kernel"], fit["bias"]) for s in ("val", "test")}
     seconds = features.extraction_seconds(frame["path"].tolist(), architecture=config.architecture)
