@@ -208,7 +208,7 @@ def main() -> None:
         st.markdown(f"**{n}** · {shared.protocol_short(c)} · accuracy {m['accuracy']:.2%} · loss {m['loss']:.3f} · "
                     f"AUC {shared.fmt(m['auc'])}")
         is_paper = (c.get("split") or {}).get("protocol") == "paper"
-        cols = st.columns([1, 1.5, 1.2] if is_paper else [1, 1.5, 1.2])
+        cols = st.columns([1, 1.5, 1.2])
         with cols[0]:
             st.plotly_chart(plots.confusion_figure(m["confusion_matrix"]), key=f"cm_{n}")
             st.caption(f"At threshold {threshold:.2f}: TN {tn} · FP {fp} · FN {fn} · TP {tp}")

@@ -207,7 +207,7 @@ def bench_training_one(data: Path, steps: int, contender: str) -> dict:
     from mammo_core.model import build_model
 
     keras.utils.set_random_seed(0)
-    decode_s, precision = None, None
+    decode_s, precision, n_decoded = None, None, None
     if contender in ("ours", "ours_plain", "compute_bound"):
         from mammo_core.fast_training import training_model
         from mammo_core.model import get_architecture
@@ -216,7 +216,7 @@ def bench_training_one(data: Path, steps: int, contender: str) -> dict:
         train_paths = frame[frame["given_split"] == "train"]
         t = time.perf_counter()
         images = data_mod.load_images(train_paths["path"].tolist())
-        decode_s = time.perf_counter() - t
+        decode_s, n_decoded = time.perf_counter() - t, len(images)
         model = build_model("paper-cnn", channels=1, compile=contender == "ours_plain")
         if contender != "ours_plain":  # what `mammo_core train` fits: fast_training's equivalent computation
             model, computation = training_model(model, get_architecture("paper-cnn"))
@@ -235,22 +235,24 @@ def bench_training_one(data: Path, steps: int, contender: str) -> dict:
             data / "train", labels="inferred", label_mode="binary", color_mode="rgb", image_size=(224, 224),
             batch_size=64, shuffle=True, seed=0, verbose=False).map(lambda x, y: (x / 255.0, y)).repeat()
     model.fit(batches.take(3), epochs=1, verbose=0)  # build, trace, warm caches
-    return {"images_per_s": _time_fit(model, batches, steps), "decode_s": decode_s, "precision": precision}
+    return {"images_per_s": _time_fit(model, batches, steps), "decode_s": decode_s, "precision": precision,
+            "n_decoded": n_decoded}
 
 
 def bench_training(data: Path, steps: int, rounds: int = 2) -> dict:
     """Each contender in its own process, rounds interleaved so drift in machine speed hits all alike;
     each figure is the median over rounds."""
     speeds: dict[str, list[float]] = {name: [] for name in TRAINING_CONTENDERS}
-    decode_s = precision = None
+    decode_s = precision = n_decoded = None
     for _ in range(rounds):
         for name in TRAINING_CONTENDERS:
             r = _run_part(f"training:{name}", data=data, extra=["--train-steps", str(steps)])
             speeds[name].append(r["images_per_s"])
             decode_s = r["decode_s"] if r["decode_s"] is not None else decode_s
+            n_decoded = r.get("n_decoded") or n_decoded
             precision = r.get("precision") or precision
     out = {name: statistics.median(v) for name, v in speeds.items()}
-    return {**out, "decode_s": decode_s, "precision": precision, "n_decoded": 3816, "steps": steps, "rounds": rounds,
+    return {**out, "decode_s": decode_s, "precision": precision, "n_decoded": n_decoded, "steps": steps, "rounds": rounds,
             "all": {k: [round(x, 1) for x in v] for k, v in speeds.items()}}
 
 

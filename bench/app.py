@@ -97,9 +97,10 @@ def measure_app(sample: Path, *, runs: int = 5) -> dict:
     warm.sort()
     from mammo_core.registry import active_model_name
 
-    return {"health_s": health_s, "start_s": start_s, "upload_cold_s": cold, "model": active_model_name(),
+    model = active_model_name()
+    return {"health_s": health_s, "start_s": start_s, "upload_cold_s": cold, "model": model,
             "upload_warm_s": warm[len(warm) // 2],
-            "note": (f"the app on its active model ({active_model_name()}), in headless Chromium via Playwright; first page = the home page's text visible "
+            "note": (f"the app on its active model ({model}), in headless Chromium via Playwright; first page = the home page's text visible "
                      f"(server health answered after {health_s:.1f} s); warm upload = median of {len(warm)} uploads "
                      "of distinct images after the first (model loaded and traced), each on a freshly loaded Review page, from set_input_files to the "
                      "probability and the Plotly overlay drawn and the app idle.")}
