@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mammo_core import config
-from mammo_core.audit import COLUMNS, AuditLog, default_audit_path, sha256_hex
+from mammo_core.audit import COLUMNS, AuditLog, default_audit_path, mask_file_name, sha256_hex
 
 MODEL_SHA = sha256_hex(b"model weights")
 
@@ -67,9 +67,9 @@ def test_concurrent_processes_and_threads_lose_no_rows(tmp_path):
 
     assert not errors, errors
     assert len(log) == 4 * 50 + 4 * 25
-    names = {row["file_name"] for row in log.recent(limit=1000)}
-    assert names == {f"p{w}-{i}.png" for w in range(4) for i in range(50)} | {
-        f"t{w}-{i}.png" for w in range(4) for i in range(25)
+    hashes = {row["file_sha256"] for row in log.recent(limit=1000)}
+    assert hashes == {sha256_hex(f"p{w}-{i}".encode()) for w in range(4) for i in range(50)} | {
+        sha256_hex(f"t{w}-{i}".encode()) for w in range(4) for i in range(25)
     }
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -101,7 +101,7 @@ def test_notes_update(tmp_path):
 
 
 def test_csv_export_has_header_and_rows(tmp_path):
-    log = AuditLog(tmp_path / "a.sqlite3")
+    log = AuditLog(tmp_path / "a.sqlite3", keep_file_names=True)
     _record(log, "a", probability=0.1)
     _record(log, "b,with \"quotes\"", probability=0.95, note="line one\nline two")
     rows = list(csv.reader(io.StringIO(log.to_csv())))
@@ -115,7 +115,7 @@ def test_csv_export_has_header_and_rows(tmp_path):
 
 
 def test_csv_export_neutralises_spreadsheet_formulas(tmp_path):
-    log = AuditLog(tmp_path / "a.sqlite3")
+    log = AuditLog(tmp_path / "a.sqlite3", keep_file_names=True)
     _record(log, "c", file_name="=HYPERLINK(\"http://x\").png", note="@SUM(A1)")
     row = list(csv.reader(io.StringIO(log.to_csv())))[1]
     assert row[COLUMNS.index("file_name")] == "'=HYPERLINK(\"http://x\").png"
@@ -123,12 +123,82 @@ def test_csv_export_neutralises_spreadsheet_formulas(tmp_path):
     assert log.recent()[0]["file_name"].startswith("=")  # stored as given; only the export is guarded
 
 
-def test_file_name_is_kept_as_given(tmp_path):
+def test_file_name_is_kept_as_given_when_the_site_asks(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAMMO_AUDIT_KEEP_FILE_NAMES", "1")
     log = AuditLog(tmp_path / "a.sqlite3")
     _record(log, "x", file_name=None)
     _record(log, "y", file_name="  odd name (1).PNG ")
     names = [row["file_name"] for row in log.recent()]
     assert names == ["  odd name (1).PNG ", None]
+
+
+@pytest.mark.parametrize("given,stored", [
+    ("Smith^Anna_ID12345.dcm", "***^***_ID#.dcm"),
+    ("DOE_JOHN_19700101_LCC.dcm", "***_***_#_LCC.dcm"),
+    ("scan.png", "scan.png"),
+    ("müller-özgür 2024 left MLO.tiff", "***-*** # left MLO.tiff"),
+    ("scan![t](https:HOST)[Re-login](https:HOST).png", "scan![t](***:***)[***-***](***:***).png"),
+    ("no_extension_12", "***_***_#"),
+])
+def test_file_names_are_masked_by_default(tmp_path, monkeypatch, given, stored):
+    monkeypatch.delenv("MAMMO_AUDIT_KEEP_FILE_NAMES", raising=False)
+    log = AuditLog(tmp_path / "a.sqlite3")
+    _record(log, "x", file_name=given)
+    assert mask_file_name(given) == stored
+    assert log.recent()[0]["file_name"] == stored
+    assert log.recent()[0]["file_sha256"] == sha256_hex(b"x")  # the file stays identifiable by content
+    exported = log.to_csv()
+    for secret in ("Smith", "Anna", "12345", "DOE", "JOHN", "19700101", "müller", "HOST"):
+        assert secret not in exported
+
+
+def test_database_file_is_private(tmp_path):
+    path = tmp_path / "audit" / "a.sqlite3"
+    log = AuditLog(path)
+    _record(log, "x")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    for extra in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if extra.exists():
+            assert extra.stat().st_mode & 0o077 == 0, extra
+    loose = tmp_path / "old.sqlite3"
+    AuditLog(loose)
+    loose.chmod(0o644)
+    AuditLog(loose)  # an older, world-readable log is tightened when opened
+    assert loose.stat().st_mode & 0o777 == 0o600
+
+
+def test_users_see_and_export_only_their_own_rows(tmp_path):
+    log = AuditLog(tmp_path / "a.sqlite3")
+    alice, bob, admin = log.scoped("alice"), log.scoped("bob"), log.scoped("root", all_users=True)
+    a = alice.record(file_sha256=sha256_hex(b"a"), file_name="a.png", model_name="m", model_sha256=MODEL_SHA,
+                     probability=0.2, threshold=0.5, decision="benign")
+    bob.record(file_sha256=sha256_hex(b"b"), file_name="b.png", model_name="m", model_sha256=MODEL_SHA,
+               probability=0.9, threshold=0.5, decision="malignant", user="alice")  # cannot pose as alice
+    assert [r["user"] for r in alice.recent()] == ["alice"]
+    assert [r["user"] for r in bob.recent()] == ["bob"]
+    assert sorted(r["user"] for r in admin.recent()) == ["alice", "bob"]
+    alice_csv = list(csv.DictReader(io.StringIO(alice.to_csv())))
+    assert [r["user"] for r in alice_csv] == ["alice"] and alice_csv[0]["file_sha256"] == sha256_hex(b"a")
+    assert len(list(csv.DictReader(io.StringIO(admin.to_csv())))) == 2
+    with pytest.raises(KeyError):
+        bob.set_note(a, "not my row")
+    alice.set_note(a, "mine")
+    assert log.recent(user="alice")[0]["reviewer_note"] == "mine"
+
+
+def test_an_older_log_without_users_is_upgraded(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE scores (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, "
+                     "file_sha256 TEXT NOT NULL, file_name TEXT, model_name TEXT NOT NULL, model_sha256 TEXT NOT NULL, "
+                     "probability REAL NOT NULL, threshold REAL NOT NULL, decision TEXT NOT NULL, reviewer_note TEXT)")
+        conn.execute("INSERT INTO scores (time, file_sha256, file_name, model_name, model_sha256, probability, "
+                     "threshold, decision) VALUES ('t', ?, 'old.png', 'm', ?, 0.5, 0.5, 'malignant')",
+                     (sha256_hex(b"o"), MODEL_SHA))
+    log = AuditLog(path)
+    _record(log, "new", user="carol")
+    assert [(r["file_name"], r["user"]) for r in log.recent()] == [("***.png", "carol"), ("old.png", None)]
 
 
 @pytest.mark.parametrize(
@@ -155,7 +225,7 @@ def test_no_patient_identifier_columns(tmp_path):
     with sqlite3.connect(path) as conn:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(scores)")]
         tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-    assert tuple(columns) == COLUMNS
+    assert set(columns) == set(COLUMNS) and len(columns) == len(COLUMNS)
     assert set(tables) <= {"scores", "sqlite_sequence"}
     for column in columns:
         assert not any(word in column.lower() for word in ("patient", "birth", "accession", "mrn", "dob"))
