@@ -350,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the models in weights/")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+
+    from .pacs.cli import add_pacs_parser
+
+    add_pacs_parser(sub)  # pacs {echo,score,listen}: the PACS round trip (mammo_core/pacs)
     return parser
 
 
@@ -367,3 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAIL
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as exc:  # disk full, read-only weights folder...: one line, not a traceback
+        from .registry import storage_error_message
+
+        _err(storage_error_message(exc, "the output"))
+        return EXIT_FAIL
