@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-12)
 PORT   ?= 8501
 
-.PHONY: run test browser bench clean
+.PHONY: run test browser pacs bench clean
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,14 +16,25 @@ $(STAMP): requirements.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# This machine only (127.0.0.1), no login needed: one person at the machine, as admin.
 run: $(STAMP)
-	$(BIN)/streamlit run app.py --server.port $(PORT)
+	$(BIN)/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
+
+# Shared on the network: refuses to start unless a login is configured (MAMMO_AUTH_FILE or
+# [auth] + [mammo_roles] in .streamlit/secrets.toml); see docs/DEPLOYMENT.md.
+serve: $(STAMP)
+	MAMMO_NETWORK=1 $(BIN)/python -m mammo_core.auth check-serve $(SERVE_ADDRESS)
+	MAMMO_NETWORK=1 $(BIN)/streamlit run app.py --server.address $(SERVE_ADDRESS) --server.port $(PORT) --server.headless true
 
 # The real-browser test needs Debian's chromium; it is skipped (with a reason) when absent.
 browser:
 	@bash scripts/install_browser.sh
 
-test: $(STAMP) browser
+# The PACS tests need Debian's orthanc, orthanc-dicomweb, dcmtk and dicom3tools; skipped (with a reason) when absent.
+pacs:
+	@bash scripts/install_pacs.sh
+
+test: $(STAMP) browser pacs
 	$(BIN)/python -m pytest -ra
 
 bench: $(STAMP)

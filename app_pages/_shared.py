@@ -1,21 +1,24 @@
-"""Helpers shared by the app's pages: the model choice, the cached model, the threshold control,
-cached tables and small card-reading utilities. Streamlit glue only; the work is in mammo_core."""
+"""Helpers shared by the app's pages: sign-in and roles, the model choice, the cached model, the
+threshold control, cached tables, plain-text rendering of user strings and small card-reading
+utilities. Streamlit glue only; the work is in mammo_core (auth, registry, audit)."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
-from mammo_core import registry
+from mammo_core import auth, registry
 from mammo_core.config import DEFAULT_THRESHOLD, weights_dir
 from mammo_core.errors import ModelDirError
 
 MODEL_KEY = "model_choice"  # the chosen model name (plain session state, kept across pages)
+USER_KEY = "auth_user"  # the signed-in auth.User (session state)
 PAPER_TABLE1 = {  # the paper's reported Table 1 (paper split), for reference only
     "accuracy": 0.9024, "loss": 0.57, "auc": 0.947,
     "rows": {"benign": (0.93, 0.76, 0.84), "malignant": (0.89, 0.97, 0.93)},
@@ -56,12 +59,13 @@ def weights_root() -> Path:
 
 
 def usable_models() -> list[registry.ModelEntry]:
-    """Model directories with a readable card, newest first (read fresh: new models appear at once)."""
-    return [e for e in registry.list_models(weights_root()) if e.problem is None]
+    """Trusted model directories (shipped, trained here or confirmed) with a readable card, newest
+    first (read fresh: new models appear at once). Unverified folders are listed on Retrain only."""
+    return [e for e in registry.list_models(weights_root()) if e.problem is None and e.trusted]
 
 
 def chosen_model_name() -> str | None:
-    """The sidebar's choice, else the active model (weights/ACTIVE or the newest)."""
+    """The sidebar's choice, else the active model (weights/ACTIVE), else None (the user picks)."""
     name = st.session_state.get(MODEL_KEY)
     if name and (weights_root() / name).is_dir():
         return name
@@ -87,17 +91,25 @@ def model_selector() -> str | None:
     names = [e.name for e in entries]
     active = registry.active_model_name(weights_root())
     current = st.session_state.get(MODEL_KEY)
-    if current not in names:  # first run, or the chosen model was removed
-        current = active if active in names else names[0]
+    if current is None or not (weights_root() / current).is_dir():
+        # First run, or the chosen model was removed: the admin's default, never another model.
+        current = active
         st.session_state[MODEL_KEY] = current
     labels = {e.name: f"{e.name}{' (active)' if e.name == active else ''} · {protocol_short(e.card)}" for e in entries}
-    widget = "model_select::" + hashlib.sha1("|".join(labels[n] for n in names).encode()).hexdigest()[:12]
-    st.session_state[widget] = current
+    options = names if current in names or current is None else [current, *names]  # a failing choice stays shown
+    labels.setdefault(current, f"{current} (cannot be used)")
+    widget = "model_select::" + hashlib.sha1("|".join(labels[n] for n in options).encode()).hexdigest()[:12]
+    extra: dict[str, Any] = {}
+    if current is None:
+        extra["index"] = None  # nothing chosen and no active model: the user picks
+    else:
+        st.session_state[widget] = current
 
     def remember() -> None:
         st.session_state[MODEL_KEY] = st.session_state[widget]
 
-    st.sidebar.selectbox("Model", names, key=widget, format_func=labels.__getitem__, on_change=remember,
+    st.sidebar.selectbox("Model", options, key=widget, format_func=lambda n: plain_label(labels[n]),
+                         on_change=remember, placeholder="Pick a model", **extra,
                          help="Models in the weights folder. 'Make active' on the Retrain page changes the default.")
     return current
 
@@ -123,42 +135,41 @@ def _verified(model_dir: str, signature: tuple) -> tuple[dict[str, Any] | None, 
 
 
 def model_in_use(name: str | None) -> tuple[Path | None, dict[str, Any], list[str]]:
-    """The model the app will use for `name` without loading TensorFlow: the chosen model if its
-    files check out (sha256 against the card), else the newest that does. Returns
-    (model_dir or None, card, warnings) in the same spirit as registry.load_model_with_fallback."""
+    """The model the app will use for `name`, checked without loading TensorFlow: (model_dir, card, [])
+    when its files check out (sha256 against the card and the manifests) and it is trusted, else
+    (None, {}, [why, "pick another model"]). No other model is ever used in its place."""
     root = weights_root()
-    warnings: list[str] = []
-    candidates = []
-    if name:
-        candidates.append(root / name)
-    candidates += [e.path for e in registry.list_models(root) if e.problem is None and e.name != name]
-    for i, path in enumerate(candidates):
-        card, problem = _verified(str(path), _signature(path))
-        if card is not None:
-            if i > 0:
-                warnings.append(f"Using {path.name} instead.")
-            return path, card, warnings
-        warnings.append(problem or f"{path}: unusable")
-    return None, {}, warnings
+    if not name:
+        return None, {}, ["No active model is set. Pick a model in the sidebar."]
+    path = root / name
+    card, problem = _verified(str(path), _signature(path))
+    if card is None:
+        return None, {}, [f"The model {name} cannot be used: {problem}", "Pick another model in the sidebar."]
+    if registry.trust_of(name, card, root) == registry.TRUST_UNVERIFIED:
+        return None, {}, [f"The model {name} is unverified (not shipped, not trained here); an admin must confirm it "
+                          "on the Retrain page before it is used.", "Pick another model in the sidebar."]
+    return path, card, []
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
-def _load_predictor(name: str | None, root: str, signature: tuple):  # noqa: ARG001
+def _load_predictor(name: str, root: str, signature: tuple):  # noqa: ARG001
     # Imported here so that TensorFlow loads only when a page needs the model, not at first paint.
     from mammo_core.predict import Predictor
 
-    model, card, model_dir, warnings = registry.load_model_with_fallback(name, root=root)
+    model_dir = Path(root) / name
+    model, card = registry.load_model(model_dir)
     predictor = Predictor(model, card, model_dir)
     predictor.warm_up()
-    return predictor, list(warnings)
+    return predictor
 
 
 def get_predictor(name: str | None):
-    """(Predictor, warnings) for the chosen model, loaded once per process; raises ModelDirError
-    when no model loads at all."""
-    root = weights_root()
-    sig = _signature(root / name) if name else ()
-    return _load_predictor(name, str(root), sig)
+    """(Predictor, warnings) for the chosen model, loaded once per process. Raises ModelDirError
+    saying why when that model cannot be used: the caller asks the user to pick another one."""
+    path, _, problems = model_in_use(name)
+    if path is None:
+        raise ModelDirError(" ".join(problems))
+    return _load_predictor(path.name, str(weights_root()), _signature(path)), []
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -268,4 +279,166 @@ def created_date(card: dict[str, Any]) -> str:
 
 def show_warnings(warnings: list[str]) -> None:
     if warnings:
-        st.warning("The chosen model could not be used: " + " ".join(warnings), icon=":material/warning:")
+        st.warning(plain(" ".join(warnings)), icon=":material/warning:")
+
+
+# --- user strings are data, not markup ---------------------------------------------------------------
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]!<>#|~$:&@{}])")  # inline markup, HTML, LaTeX, directives, autolinks
+
+
+def plain(text: Any) -> str:
+    """`text` escaped so that Streamlit's Markdown shows it literally.
+
+    Every character that can start inline markup anywhere in a line (emphasis, code, links and
+    images, HTML, LaTeX `$`, Streamlit's `:red[..]` / `:material/..:` directives, autolinks,
+    tables, strikethrough) gets a backslash, as do a leading block marker (`- `, `+ `, `1. `) and the
+    dot of `www.`; newlines become spaces. Characters harmless in running text (`-`, `.`, `(`) are
+    left as they are, so `scan-1.png` reads the same in the page source. Use it for every file name,
+    model name, folder or message that a user or a file supplies, wherever Markdown is rendered
+    (st.markdown, st.error/warning/info, st.subheader, captions).
+    """
+    text = _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+    text = re.sub(r"(?i)\b(www)\.", r"\1\\.", text)
+    text = re.sub(r"^(\d+)([.)])", r"\1\\\2", text)
+    return "\\" + text if text[:1] in ("-", "+", "=") else text
+
+
+def plain_label(text: Any) -> str:
+    """Widget option labels are plain text already; only collapse whitespace."""
+    return " ".join(str(text).split())
+
+
+# --- images kept in the session -----------------------------------------------------------------------
+
+
+def for_session(pred: Any) -> Any:
+    """Shrink a Prediction's decoded image to display size (plots.DISPLAY_MAX_SIDE) before it is kept
+    in session state; the full-size pixels are only needed while scoring."""
+    from mammo_core.plots import DISPLAY_MAX_SIDE, fit_for_display
+
+    image = getattr(pred, "image", None)
+    if image is not None and max(image.pixels.shape[:2]) > DISPLAY_MAX_SIDE:
+        image.pixels = fit_for_display(image.pixels, DISPLAY_MAX_SIDE)
+    return pred
+
+
+# --- sign-in and roles --------------------------------------------------------------------------------
+
+
+def _secrets() -> dict[str, Any]:
+    try:
+        return st.secrets.to_dict()
+    except Exception:  # noqa: BLE001 - no secrets.toml at all is the usual case
+        return {}
+
+
+def sign_in() -> auth.User:
+    """The signed-in user, or stop the script after drawing the sign-in.
+
+    Local mode (loopback address, no login configured, MAMMO_NETWORK unset): the OS user, admin.
+    A users file (MAMMO_AUTH_FILE): the password form. [auth] + [mammo_roles] in secrets.toml:
+    st.login. Shared (network address or MAMMO_NETWORK) without any login configured: refused.
+    """
+    secrets = _secrets()
+    try:
+        method = auth.login_method(secrets)
+    except auth.AuthConfigError as exc:
+        st.error(f"The login configuration is unusable, so the app will not start: {plain(exc)}",
+                 icon=":material/lock:")
+        st.stop()
+    if method is None:
+        address = st.get_option("server.address")
+        if auth.network_requested() or not auth.is_loopback(address):
+            st.error("This app is reachable from the network but no login is configured, so it refuses to run. "
+                     "Serve it on 127.0.0.1 (make run) or configure a login (docs/DEPLOYMENT.md).",
+                     icon=":material/lock:")
+            st.stop()
+        user = auth.local_user()
+    elif method == "oidc":
+        user = _oidc_user(secrets)
+    else:
+        user = _password_user()
+    st.session_state[USER_KEY] = user
+    return user
+
+
+def _password_user() -> auth.User:
+    users = auth.load_users(auth.users_file())  # re-read each run: a removed user or changed role applies at once
+    user = st.session_state.get(USER_KEY)
+    if isinstance(user, auth.User) and user.method == "password" and user.name in users:
+        return auth.User(user.name, users[user.name]["role"], "password")
+    st.session_state.pop(USER_KEY, None)
+    st.title("Sign in")
+    with st.form("login_form"):
+        name = st.text_input("User name", key="login_user", autocomplete="username")
+        password = st.text_input("Password", type="password", key="login_password", autocomplete="current-password")
+        submitted = st.form_submit_button("Sign in", type="primary")
+    if submitted:
+        user = auth.check_password(users, name, password)
+        if user is not None:
+            st.session_state[USER_KEY] = user
+            st.rerun()
+        st.error("Wrong user name or password (after 5 failures a name is locked for 5 minutes).")
+    st.stop()
+
+
+def _oidc_user(secrets: dict[str, Any]) -> auth.User:
+    if not st.user.is_logged_in:
+        st.title("Sign in")
+        providers = [k for k, v in (secrets.get("auth") or {}).items() if isinstance(v, dict)]
+        for provider in providers or [None]:
+            st.button(f"Sign in with {provider}" if provider else "Sign in with your organisation's account",
+                      key=f"login_{provider}", type="primary", on_click=st.login,
+                      args=(provider,) if provider else ())
+        st.stop()
+    email = st.user.get("email")
+    role = auth.oidc_role(email, secrets.get(auth.ROLES_SECTION) or {})
+    if role is None:
+        st.error(f"The account {plain(email or 'without an e-mail address')} is not allowed to use this app. "
+                 "Ask an administrator to add it to [mammo_roles].", icon=":material/lock:")
+        st.button("Sign out", on_click=st.logout)
+        st.stop()
+    return auth.User(name=str(email), role=role, method="oidc")
+
+
+def current_user() -> auth.User:
+    """The user app.py signed in for this run (pages run after app.py's sign_in)."""
+    user = st.session_state.get(USER_KEY)
+    if not isinstance(user, auth.User):
+        st.error("Not signed in.")
+        st.stop()
+    return user
+
+
+def require_admin(what: str) -> auth.User:
+    """Stop the page unless the signed-in user is an admin (defence in depth: app.py already leaves
+    admin pages out of a reader's navigation)."""
+    user = current_user()
+    if not user.is_admin:
+        st.error(f"{what} is for administrators; you are signed in as a reader.", icon=":material/lock:")
+        st.stop()
+    return user
+
+
+def sign_out() -> None:
+    user = st.session_state.pop(USER_KEY, None)
+    for key in ("review_predictions", "review_audited"):  # the session's images and results go with the user
+        st.session_state.pop(key, None)
+    if isinstance(user, auth.User) and user.method == "oidc":
+        st.logout()
+
+
+def user_panel(user: auth.User) -> None:
+    """Sidebar: who is signed in, as what, and a sign-out button (not in local mode)."""
+    if user.method == "local":
+        st.sidebar.caption(f"Local mode (this machine only) · {plain(user.name)} · admin")
+        return
+    st.sidebar.caption(f"Signed in as {plain(user.name)} · {user.role}")
+    st.sidebar.button("Sign out", key="sign_out", on_click=sign_out)
+
+
+def audit_view(log: Any) -> Any:
+    """The audit log as the signed-in user may use it: admins every row, readers their own."""
+    user = current_user()
+    return log.scoped(user.name, all_users=user.is_admin)

@@ -48,12 +48,12 @@ def why_they_differ(selected: list[tuple[str, dict]]) -> str:
         test = split.get("test") or {}
         shared_n = (split.get("shared_source_images") or {}).get("train-test")
         if split.get("protocol") == "paper":
-            parts.append(f"**{name}** (paper split) is tested on {test.get('images', '?')} augmented copies of "
+            parts.append(f"**{shared.plain(name)}** (paper split) is tested on {test.get('images', '?')} augmented copies of "
                          f"{test.get('source_images', '?')} source mammograms, {shared_n if shared_n is not None else '?'} "
                          "of which also have copies in its training set: it is largely recognising images it has "
                          "already seen, so its numbers are inflated.")
         elif split.get("protocol") == "grouped":
-            parts.append(f"**{name}** (grouped split by {split.get('group_by') or 'source'}) is tested on "
+            parts.append(f"**{shared.plain(name)}** (grouped split by {split.get('group_by') or 'source'}) is tested on "
                          f"{test.get('images', '?')} images of {test.get('source_images', '?')} source mammograms, "
                          f"{shared_n if shared_n is not None else '?'} of which are in its training set: its numbers "
                          "estimate performance on unseen mammograms, and rest on few of them.")
@@ -106,7 +106,7 @@ def image_grid(table: pd.DataFrame, base: Path, threshold: float) -> None:
         mark = "✓" if pred == truth else "✗"
         with cols[i % 6]:
             if pixels is None:
-                st.caption(f"{row['path']}: unreadable")
+                st.caption(f"{shared.plain(row['path'])}: unreadable")
             else:
                 st.image(pixels, width="stretch")
             st.caption(f"{mark} true **{truth}** · pred. **{pred}** ({row['probability']:.2f})")
@@ -170,12 +170,12 @@ def main() -> None:
     for name in selected:
         table = shared.test_predictions(dirs[name])
         if table is None:
-            st.warning(f"{name}: no readable test_predictions.csv; it is left out.")
+            st.warning(f"{shared.plain(name)}: no readable test_predictions.csv; it is left out.")
             continue
         try:
             m = evaluate.compute_metrics(table["label"], table["probability"], threshold=threshold)
         except ValueError as exc:
-            st.warning(f"{name}: test predictions are unusable ({exc}); it is left out.")
+            st.warning(f"{shared.plain(name)}: test predictions are unusable ({shared.plain(exc)}); it is left out.")
             continue
         data.append((name, cards[name], table, m))
     if not data:
@@ -205,7 +205,7 @@ def main() -> None:
     st.subheader("Confusion matrix and Table 1")
     for n, c, t, m in data:
         (tn, fp), (fn, tp) = m["confusion_matrix"]
-        st.markdown(f"**{n}** · {shared.protocol_short(c)} · accuracy {m['accuracy']:.2%} · loss {m['loss']:.3f} · "
+        st.markdown(f"**{shared.plain(n)}** · {shared.protocol_short(c)} · accuracy {m['accuracy']:.2%} · loss {m['loss']:.3f} · "
                     f"AUC {shared.fmt(m['auc'])}")
         is_paper = (c.get("split") or {}).get("protocol") == "paper"
         cols = st.columns([1, 1.5, 1.2])
@@ -246,7 +246,7 @@ def main() -> None:
     for n, c, _, _ in data:
         if c.get("calibration") or cross_validations(c) or c.get("operating_points"):
             with st.container(border=True):
-                st.markdown(f"**{n}**")
+                st.markdown(f"**{shared.plain(n)}**")
                 calibration_info(c)
                 for cv in cross_validations(c):
                     cross_validation(cv)
@@ -260,10 +260,10 @@ def main() -> None:
             try:
                 rows = pd.read_csv(dirs[n] / HISTORY_FILE).to_dict("records")
             except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
-                st.caption(f"{n}: no history.csv")
+                st.caption(f"{shared.plain(n)}: no history.csv")
                 continue
             st.plotly_chart(plots.history_figure(rows), key=f"history_{n}")
-            st.caption(n)
+            st.caption(shared.plain(n))
 
     st.subheader("Test images")
     n, c, t, _ = data[0]
@@ -272,7 +272,7 @@ def main() -> None:
         st.info("The dataset is not available here (set MAMMO_DATA_DIR to the dataset folder to see test images "
                 f"of {n}).")
     else:
-        st.caption(f"{GRID_SIZE} test images of {n} from {base}, with the decision at threshold {threshold:.2f}.")
+        st.caption(f"{GRID_SIZE} test images of {shared.plain(n)} from {shared.plain(base)}, with the decision at threshold {threshold:.2f}.")
         image_grid(t, base, threshold)
 
 

@@ -1,5 +1,7 @@
-"""Retrain page: start a training run in a background process, follow it live, cancel it, and make
-the new model the app's default. Runs survive a page reload (see mammo_core.jobs)."""
+"""Retrain page (admins only): start a training run in a background process, follow it live, cancel
+it, make the new model the app's default, and confirm hand-dropped (unverified) models. Runs survive
+a page reload (see mammo_core.jobs). Training data comes only from the configured roots
+(MAMMO_DATA_ROOTS); every user-supplied string is shown as plain text."""
 
 from __future__ import annotations
 
@@ -31,9 +33,11 @@ def start_form() -> None:
 
     st.session_state.setdefault("retrain_name", f"model-{dt.datetime.now():%Y%m%d-%H%M}")
     with st.form("train_form"):
+        roots = ", ".join(str(r) for r in jobs.data_roots()) or "none configured (set MAMMO_DATA_ROOTS)"
         folder = st.text_input("Dataset folder", value=str(data_dir() or ""), key="retrain_data",
                                help="Class folders (benign/, malignant/) or split folders (train/, val/, test/) "
-                                    "holding them. Defaults to $MAMMO_DATA_DIR.")
+                                    f"holding them, inside a training data folder of this server: {roots}. "
+                                    "Defaults to $MAMMO_DATA_DIR.")
         c1, c2, c3 = st.columns(3)
         protocol = c1.selectbox("Split protocol", PROTOCOLS, index=PROTOCOLS.index("grouped"), key="retrain_protocol",
                                 format_func=lambda p: PROTOCOL_HELP.get(p, p).split(":")[0])
@@ -65,11 +69,15 @@ def start_form() -> None:
                          precision=precision)
     try:
         run = jobs.start_training(config, shared.weights_root())
-    except (MammoError, ValueError, FileExistsError, OSError) as exc:
-        st.error(f"Training not started: {exc}")
+    except OSError as exc:  # disk full, read-only weights folder
+        st.error(f"Training not started: {shared.plain(registry.storage_error_message(exc, 'the run'))}")
+        return
+    except (MammoError, ValueError, FileExistsError) as exc:
+        st.error(f"Training not started: {shared.plain(exc)}")
         return
     st.session_state["retrain_watching"] = run.run_id
-    st.success(f"Training of **{run.model}** started in the background. You can leave this page; come back to follow it.")
+    st.success(f"Training of **{shared.plain(run.model)}** started in the background. You can leave this page; "
+               "come back to follow it.")
 
 
 @st.fragment(run_every=2)
@@ -82,7 +90,7 @@ def live_status() -> None:
     if run is None:
         st.caption("No training run started from the app yet.")
         return
-    st.markdown(f"**{run.model}** · run {run.run_id} · started {run.started.replace('T', ' ')[:19]} UTC · "
+    st.markdown(f"**{shared.plain(run.model)}** · run {shared.plain(run.run_id)} · started {run.started.replace('T', ' ')[:19]} UTC · "
                 f"**{STATE_TEXT.get(run.state, run.state)}**")
     if run.active:
         st.session_state["retrain_watching"] = run.run_id
@@ -90,7 +98,7 @@ def live_status() -> None:
         if st.button("Cancel training", key=f"cancel_{run.run_id}"):
             with st.spinner("Cancelling…"):
                 run = jobs.cancel(run)
-            st.warning(f"Training of {run.model} cancelled; no model was written.")
+            st.warning(f"Training of {shared.plain(run.model)} cancelled; no model was written.")
         return
     if st.session_state.get("retrain_watching") == run.run_id:
         # A run seen running in this session just ended: rerun the whole app so that the sidebar lists
@@ -99,9 +107,9 @@ def live_status() -> None:
     if run.state == "finished":
         show_finished(run)
     elif run.state == "cancelled":
-        st.info(f"Training of {run.model} was cancelled; no model was written.")
+        st.info(f"Training of {shared.plain(run.model)} was cancelled; no model was written.")
     else:
-        st.error(f"Training of {run.model} did not finish: {run.error}")
+        st.error(f"Training of {shared.plain(run.model)} did not finish: {shared.plain(run.error)}")
         with st.expander("Log (last lines)"):
             st.code(jobs.log_tail(run, lines=30) or "(empty)")
 
@@ -127,7 +135,7 @@ def show_finished(run: jobs.Run) -> None:
     try:
         card = registry.read_card(root / name)
     except MammoError as exc:
-        st.error(f"The run finished but its model cannot be read: {exc}")
+        st.error(f"The run finished but its model cannot be read: {shared.plain(exc)}")
         return
     test = (card.get("metrics") or {}).get("test") or {}
     cols = st.columns(5)
@@ -146,19 +154,27 @@ def show_finished(run: jobs.Run) -> None:
     except OSError:
         pinned = None
     if pinned == name and shared.chosen_model_name() == name:
-        st.success(f"{name} is the active model (the app's default).")
+        st.success(f"{shared.plain(name)} is the active model (the app's default).")
     else:
-        st.button(f"Make {name} the active model", key=f"activate_{name}", on_click=make_active, args=(name,),
-                  type="primary", help=f"The app's default model becomes {name}; {active or 'the previous one'} stays on disk.")
+        st.button(f"Make {shared.plain(name)} the active model", key=f"activate_{name}", on_click=make_active, args=(name,),
+                  type="primary", help=f"The app's default model becomes {shared.plain(name)}; "
+                                       f"{shared.plain(active or 'the previous one')} stays on disk.")
     with st.expander("Model card"):
         st.json(card, expanded=False)
 
 
-def make_active(name: str) -> None:
+def make_active(name: str, confirm: bool = False) -> None:
+    """Make `name` the default; `confirm` records the admin's confirmation of an unverified model."""
+    user = shared.current_user()
+    if not user.is_admin:
+        return
     try:
-        registry.set_active_model(name, shared.weights_root())
+        registry.set_active_model(name, shared.weights_root(), confirmed_by=user.name if confirm else None)
     except MammoError as exc:
         st.session_state["retrain_activate_error"] = str(exc)
+        return
+    except OSError as exc:
+        st.session_state["retrain_activate_error"] = registry.storage_error_message(exc, "the active-model marker")
         return
     shared.choose_model(name)
     st.rerun()  # the button sits in a fragment: escalate to a full-app rerun so the sidebar follows
@@ -174,8 +190,18 @@ def models_on_disk() -> None:
         st.dataframe(pd.DataFrame([{
             "model": e.name, "active": "✓" if e.name == active else "", "created": e.created[:19].replace("T", " "),
             "architecture": e.card.get("architecture"), "split": shared.protocol_short(e.card) if e.card else "",
-            "test AUC": ((e.card.get("metrics") or {}).get("test") or {}).get("auc"),
+            "test AUC": ((e.card.get("metrics") or {}).get("test") or {}).get("auc"), "trust": e.trust,
             "problem": e.problem or ""} for e in entries]), hide_index=True)
+    unverified = [e for e in entries if e.problem is None and not e.trusted]
+    if unverified:
+        st.warning(f"{len(unverified)} model folder(s) were not shipped with the app nor trained here (for example "
+                   "copied in by hand). They are not offered for scoring until an administrator confirms them.",
+                   icon=":material/gpp_maybe:")
+        pick = st.selectbox("Unverified model", [e.name for e in unverified], key="retrain_unverified")
+        if st.checkbox(f"I confirm that {shared.plain(pick)} comes from a trusted source and may become the app's default model",
+                       key=f"retrain_confirm::{pick}"):
+            st.button(f"Confirm {shared.plain(pick)} and make it active", key=f"confirm_{pick}", on_click=make_active,
+                      args=(pick, True))
     runs = jobs.list_runs(root)
     if runs:
         with st.expander(f"Training runs ({len(runs)})"):
@@ -185,11 +211,12 @@ def models_on_disk() -> None:
 
 
 def main() -> None:
+    shared.require_admin("Retraining")
     st.title("Retrain")
     st.caption("Training runs in a separate process: this page stays usable, and a reload or another tab "
                "finds the run again. One training at a time; existing models are never overwritten.")
     if err := st.session_state.pop("retrain_activate_error", None):
-        st.error(f"Could not make the model active: {err}")
+        st.error(f"Could not make the model active: {shared.plain(err)}")
     latest = jobs.current_run(shared.weights_root())
     if latest is not None and not latest.active and st.session_state.get("retrain_watching") == latest.run_id:
         del st.session_state["retrain_watching"]  # this full run shows the run's end (see live_status)

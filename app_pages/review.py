@@ -39,7 +39,7 @@ def score_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[str
         with st.spinner("Scoring…") if bar is None else contextlib.nullcontext():
             items = [(uploads[i][1], uploads[i][0]) for i, _ in todo]
             for (i, key), pred in zip(todo, predictor.score_many(items, with_cam=True, batch_size=8, progress=progress)):
-                cache[key] = pred
+                cache[key] = shared.for_session(pred)  # display-size pixels only in session state
         if bar is not None:
             bar.empty()
     current = set(keys)
@@ -65,7 +65,7 @@ def _audit_log():
     except ImportError:
         return None
     try:
-        return _open_audit_log(str(default_audit_path()))
+        return shared.audit_view(_open_audit_log(str(default_audit_path())))  # readers: their own rows
     except Exception as exc:  # noqa: BLE001 - the log must never stop scoring
         st.warning(f"Audit log unavailable ({exc}); results are not being recorded.")
         return None
@@ -103,7 +103,9 @@ def audit_section(log) -> None:
             st.dataframe(pd.DataFrame(recent), hide_index=True)
         else:
             st.caption("No entries yet.")
-        st.download_button("Download the audit log (CSV)", csv_text, file_name="audit_log.csv", mime="text/csv",
+        full = getattr(log, "all_users", True)
+        st.download_button("Download the full audit log (CSV)" if full else "Download your audit entries (CSV)",
+                           csv_text, file_name="audit_log.csv" if full else "my_audit_entries.csv", mime="text/csv",
                            key="audit_csv")
 
 
@@ -117,13 +119,12 @@ def main() -> None:
     try:
         with st.spinner("Loading the model…"):
             predictor, warnings = shared.get_predictor(name)
-    except ModelDirError as exc:
-        st.error(f"None of the models in the weights folder could be loaded ({exc}). Restore one or train a "
-                 "new one on the Retrain page.")
+    except ModelDirError as exc:  # no other model is used in its place: the user picks one
+        st.error(f"{shared.plain(exc)} Nothing was scored; choose a model in the sidebar.")
         return
     shared.show_warnings(warnings)
     card = predictor.card
-    st.caption(f"Model **{predictor.name}** · {shared.protocol_short(card)} · created {shared.created_date(card)} · "
+    st.caption(f"Model **{shared.plain(predictor.name)}** · {shared.protocol_short(card)} · created {shared.created_date(card)} · "
                f"test AUC {shared.fmt(((card.get('metrics') or {}).get('test') or {}).get('auc'))}")
 
     left, right = st.columns([2, 1])
@@ -148,7 +149,7 @@ def main() -> None:
     for (fname, pred), fid in zip(results, file_ids):
         if pred.error is not None:
             reason = pred.error.removeprefix(f"{fname}: ")  # the message already names the file
-            st.error(f"**{fname}** could not be scored: {reason}")
+            st.error(f"{shared.plain(fname)} could not be scored: {shared.plain(reason)}")
             continue
         decision = predictor.decision(pred.probability, threshold)
         row_id = record_in_audit(log, predictor, fid, pred, threshold, decision)
@@ -193,12 +194,12 @@ def show_prediction(fname: str, pred, decision: str, threshold: float, alpha: fl
     from mammo_core.explain import overlay
     from mammo_core.plots import fit_for_display, image_pair_figure
 
-    st.subheader(fname)
+    st.subheader(shared.plain(fname))
     cols = st.columns(3)
     cols[0].metric("Probability of malignancy", f"{pred.probability:.3f}")
     cols[1].metric(f"Decision at threshold {threshold:.2f}", decision)
     meta = getattr(pred.image, "metadata", {}) or {}
-    h, w = pred.image.pixels.shape
+    h, w = meta.get("height") or pred.image.pixels.shape[0], meta.get("width") or pred.image.pixels.shape[1]
     cols[2].metric("Image size", f"{w}×{h}", help=", ".join(f"{k}: {v}" for k, v in meta.items()
                                                             if isinstance(v, (str, int, float))) or None)
     pixels = fit_for_display(pred.image.pixels)

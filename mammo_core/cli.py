@@ -371,3 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAIL
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as exc:  # disk full, read-only weights folder...: one line, not a traceback
+        from .registry import storage_error_message
+
+        _err(storage_error_message(exc, "the output"))
+        return EXIT_FAIL

@@ -103,7 +103,7 @@ def scan_dataset(root: str | Path, *, patient_map: str | Path | None = None) -> 
     else:
         raise DatasetError(
             f"{root}: expected class folders ({', '.join(CLASS_NAMES)}) or split folders "
-            f"({', '.join(SPLITS)}) holding them; found {sorted(subdirs) or 'no folders'}."
+            f"({', '.join(SPLITS)}) holding them; found neither."  # never list a folder's contents
         )
     rows = []
     for split, folder in layout:

@@ -9,6 +9,12 @@ progress JSON that `mammo_core.train` writes and whether the process is still al
 
 One training at a time: the training lock in `mammo_core.train` is the real guard; `start_training`
 also refuses while the newest run's process is alive but has not taken the lock yet.
+
+Training data comes only from configured roots (`MAMMO_DATA_ROOTS`, folders separated by ':';
+default: `MAMMO_DATA_DIR`): `resolve_training_data` refuses any other folder, symlinks resolved,
+with a message that names the folder typed and never lists a directory's contents. Before a run
+starts, `start_training` checks the weights folder is writable and has room, so a read-only or
+full disk is one clear line instead of a run that fails later.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import datetime as dt
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,9 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import REPO_ROOT, weights_dir
-from .errors import TrainingBusyError
-from .registry import atomic_write_text
+from .config import REPO_ROOT, data_dir, weights_dir
+from .errors import DatasetError, ModelDirError, TrainingBusyError
+from .registry import atomic_write_text, storage_error_message
+
+DATA_ROOTS_ENV = "MAMMO_DATA_ROOTS"
+#: Free space a training run needs in the weights folder before it starts (model, card, predictions).
+MIN_FREE_BYTES = 200 * 1024 * 1024
 
 RUNS_DIR = ".runs"
 RUN_FILE = "run.json"
@@ -75,7 +86,7 @@ class Run:
     def error(self) -> str | None:
         """Why the run did not finish, when it did not: the trainer's message or the log's last line."""
         if self.state in ("failed", "cancelled"):
-            return self.progress.get("error") or self.state
+            return _readable_error(self.progress.get("error")) or self.state
         if self.state == "died":
             tail = log_tail(self, lines=1).strip()
             return f"the training process ended without a result ({tail or 'no log output'})."
@@ -91,6 +102,71 @@ class Run:
         if epoch < 1:
             return 0.0
         return min(1.0, ((epoch - 1) + min(step, steps) / steps) / epochs)
+
+
+_OS_ERROR = re.compile(r"^\[Errno (\d+)\] ([^:]*)(?:: '(.*)')?$")
+
+
+def _readable_error(text: str | None) -> str | None:
+    """A trainer's str(OSError) ("[Errno 28] No space left on device: '/w/...'") as one plain line."""
+    match = _OS_ERROR.match(text or "")
+    if not match:
+        return text
+    code, strerror, filename = int(match.group(1)), match.group(2), match.group(3)
+    return storage_error_message(OSError(code, strerror, filename), "the new model")
+
+
+def data_roots() -> list[Path]:
+    """The folders training data may come from: MAMMO_DATA_ROOTS (':'-separated), else MAMMO_DATA_DIR."""
+    value = os.environ.get(DATA_ROOTS_ENV, "")
+    roots = [Path(p).expanduser() for p in value.split(os.pathsep) if p.strip()]
+    if not roots and data_dir() is not None:
+        roots = [data_dir()]
+    return roots
+
+
+def resolve_training_data(typed: str | Path, roots: list[Path] | None = None) -> Path:
+    """The real path of the dataset folder `typed`, when it lies inside a configured root.
+
+    A relative path is taken inside the first root. Symlinks are resolved before the check, so a link
+    cannot lead outside. Raises DatasetError naming `typed` (never listing any folder) otherwise.
+    """
+    text = str(typed).strip()
+    if not text:
+        raise DatasetError("enter the dataset folder.")
+    roots = data_roots() if roots is None else roots
+    if not roots:
+        raise DatasetError(f"{text}: no training data folders are configured on this server; an administrator "
+                           f"sets {DATA_ROOTS_ENV} (or MAMMO_DATA_DIR).")
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        path = roots[0] / path
+    real = Path(os.path.realpath(path))
+    for root in roots:
+        base = Path(os.path.realpath(root))
+        if real == base or real.is_relative_to(base):
+            if not real.is_dir():
+                raise DatasetError(f"{text}: dataset folder not found.")
+            return real
+    raise DatasetError(f"{text}: not inside a training data folder configured on this server "
+                       f"({', '.join(str(r) for r in roots)}).")
+
+
+def check_writable(root: Path, need: int = MIN_FREE_BYTES) -> None:
+    """ModelDirError in one line when the weights folder is read-only, not writable or nearly full."""
+    import shutil
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        free = shutil.disk_usage(root).free
+    except OSError as exc:
+        raise ModelDirError(storage_error_message(exc, "the new model")) from None
+    if free < need:
+        raise ModelDirError(f"{root}: only {free // 2**20} MB free, a training run needs about {need // 2**20} MB; "
+                            "free some space and retry.")
 
 
 def runs_dir(root: str | Path | None = None) -> Path:
@@ -213,24 +289,28 @@ def _start_lock(base: Path):
 
 
 def start_training(config: Any, root: str | Path | None = None, *, check_dataset: bool = True,
-                   env: dict[str, str] | None = None) -> Run:
+                   env: dict[str, str] | None = None, data_roots_: list[Path] | None = None) -> Run:
     """Launch a training run of `config` (a `mammo_core.train.TrainConfig`) in the background.
 
-    Validates the options (ValueError), the model name (FileExistsError when taken) and, with
-    `check_dataset`, the dataset layout (DatasetError) before launching, so mistakes show at once.
-    Raises TrainingBusyError when a run is already in progress. Returns the new Run.
+    Validates the options (ValueError), the dataset folder against the configured roots
+    (DatasetError; `data_roots_` overrides them), the model name (FileExistsError when taken), the
+    weights folder (ModelDirError when read-only or full) and, with `check_dataset`, the dataset
+    layout (DatasetError) before launching, so mistakes show at once. Raises TrainingBusyError when
+    a run is already in progress. Returns the new Run.
     """
     from .data import default_patient_map, scan_dataset
     from .train import training_in_progress
 
     root = Path(root) if root is not None else weights_dir()
     root = root.resolve()
+    config.data_dir = str(resolve_training_data(config.data_dir, data_roots_))
     if config.group_by == "patient" and not config.patient_map and config.protocol == "grouped":
         found = default_patient_map(config.data_dir)
         config.patient_map = str(found) if found else None
     config.validate()
     if (root / config.name).exists():
         raise FileExistsError(f"a model named {config.name!r} already exists in {root}; choose another name.")
+    check_writable(root)
     if check_dataset:
         scan_dataset(config.data_dir, patient_map=config.patient_map)
     base = runs_dir(root)

@@ -33,7 +33,7 @@ from .config import (CLASS_NAMES, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_SE
 from .errors import DatasetError, MammoError, TrainingBusyError
 from .evaluate import compute_metrics
 from .registry import (CARD_FILE, HISTORY_FILE, MODEL_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE,
-                       atomic_write_text, sha256_file, write_card)
+                       atomic_write_text, record_model, sha256_file, write_card)
 
 LOCK_FILE = ".train.lock"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -276,6 +276,7 @@ def train(config: TrainConfig, *, root: str | Path | None = None, progress_path:
             card = _train_into(config, tmp_dir, root, progress_path, on_progress, log)
             if final_dir.exists():
                 raise FileExistsError(f"{final_dir}: appeared while training; the new model is discarded.")
+            record_model(root, config.name, card["model_sha256"])  # trusted as "trained here" (registry)
             os.rename(tmp_dir, final_dir)
         except BaseException as exc:
             shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -17,9 +17,21 @@ APP = str(REPO_ROOT / "app.py")
 TIMEOUT = 90  # the first Review run imports TensorFlow and loads the model; the machine may be busy
 
 
+def _loopback(get_option):
+    def get(key):
+        return "127.0.0.1" if key == "server.address" else get_option(key)
+    return get
+
+
 @pytest.fixture
 def app_env(monkeypatch, tmp_path, tiny_dataset):
-    """Point the app at tmp folders: weights (set per test), dataset and audit database."""
+    """Point the app at tmp folders: weights (set per test), dataset and audit database; local mode
+    (loopback address, no login configured)."""
+    from streamlit import config as st_config
+
+    for name in ("MAMMO_AUTH_FILE", "MAMMO_NETWORK", "MAMMO_DATA_ROOTS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(st_config, "get_option", _loopback(st_config.get_option))
     monkeypatch.setenv("MAMMO_DATA_DIR", str(tiny_dataset))
     monkeypatch.setenv("MAMMO_AUDIT_DB", str(tmp_path / "audit" / "audit.sqlite3"))
 
@@ -206,16 +218,24 @@ def test_metrics_shows_card_extras_and_operating_points(app_env, tiny_weights_co
     assert any(c.value.startswith("At threshold 0.20") for c in at.caption)
 
 
-def test_broken_model_falls_back_with_a_warning(app_env, tiny_weights_copy, sample_png):
+def test_broken_model_is_reported_and_never_swapped(app_env, tiny_weights_copy, sample_png):
+    """The active model fails its integrity check: the app says so and asks the user to pick; it does not
+    use another model (here the leaky paper-split one) by itself."""
     app_env(tiny_weights_copy)
     with open(tiny_weights_copy / "tiny-grouped" / registry.MODEL_FILE, "ab") as fh:
         fh.write(b"tampered")
     at = start()
-    assert any("does not match" in w.value and "Using tiny-paper instead" in w.value for w in at.warning)
-    assert at.subheader[0].value == "Model in use: tiny-paper"
+    assert any("tiny-grouped cannot be used" in w.value and "does not match" in w.value
+               and "Pick another model" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert at.subheader[0].value == "Model in use"
+    assert not any("tiny-paper" in s.value for s in at.subheader)
     at.switch_page("app_pages/review.py").run()
     no_exception(at)
-    assert any("tiny-paper" in w.value for w in at.warning)
+    assert any("tiny-grouped" in e.value and "choose a model in the sidebar" in e.value for e in at.error)
+    assert not at.file_uploader  # nothing is scored with a model the user did not choose
+    assert registry.active_model_name(tiny_weights_copy) == "tiny-grouped"  # nothing promoted
+    at.sidebar.selectbox[0].set_value("tiny-paper").run()  # the user picks
+    no_exception(at)
     at.file_uploader[0].set_value(("scan.png", sample_png, "image/png")).run()
     assert at.dataframe[0].value["model"].tolist() == ["tiny-paper"]
 
@@ -225,9 +245,29 @@ def test_review_explains_when_no_model_loads(app_env, tiny_weights_copy):
     for name in ("tiny-grouped", "tiny-paper"):
         (tiny_weights_copy / name / registry.MODEL_FILE).write_bytes(b"not a keras archive")
     at = start("review")
-    assert any("None of the models in the weights folder could be loaded" in e.value and "tiny-grouped" in e.value
-               for e in at.error)
+    assert any("tiny-grouped cannot be used" in e.value and "choose a model" in e.value for e in at.error)
     assert not at.file_uploader
+
+
+def test_unverified_model_is_not_offered_until_an_admin_confirms_it(app_env, tiny_weights_copy):
+    import shutil
+
+    root = app_env(tiny_weights_copy)
+    shutil.copytree(root / "tiny-paper", root / "dropped")
+    card = registry.read_card(root / "dropped")
+    card["name"], card["created"] = "dropped", "2999-01-01T00:00:00+00:00"
+    registry.write_card(root / "dropped", card)
+    at = start()
+    assert "dropped" not in at.sidebar.selectbox[0].options
+    at.switch_page("app_pages/retrain.py").run()
+    no_exception(at)
+    assert any("not shipped with the app nor trained here" in w.value for w in at.warning)
+    at.checkbox(key="retrain_confirm::dropped").check().run()
+    [button] = [b for b in at.button if b.label == "Confirm dropped and make it active"]
+    button.click().run()
+    no_exception(at)
+    assert registry.active_model_name(root) == "dropped"
+    assert registry.local_models(root)["dropped"]["source"] == registry.TRUST_CONFIRMED
 
 
 def test_pages_without_any_model_explain_instead_of_failing(app_env, tmp_path):

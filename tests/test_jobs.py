@@ -97,3 +97,79 @@ def test_a_run_whose_process_vanished_is_reported_died(tmp_path):
     assert run.state == "died"
     assert "Killed" in run.error
     assert run.fraction_done() == pytest.approx(0.25)
+
+
+@pytest.fixture(autouse=True)
+def _data_roots(monkeypatch, tiny_dataset, tmp_path):
+    """Training data may come from the tiny dataset's folder and this test's tmp folder."""
+    import os
+
+    monkeypatch.setenv(jobs.DATA_ROOTS_ENV, os.pathsep.join([str(tiny_dataset.parent), str(tmp_path)]))
+
+
+def test_training_data_only_from_configured_roots(tiny_dataset, tmp_path, monkeypatch):
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    (outside / ".ssh").mkdir(parents=True, exist_ok=True)
+    (outside / "id_rsa").write_text("secret")
+    roots = [tiny_dataset.parent]
+    assert jobs.resolve_training_data(str(tiny_dataset), roots) == tiny_dataset.resolve()
+    assert jobs.resolve_training_data(tiny_dataset.name, roots) == tiny_dataset.resolve()  # relative: in the first root
+    for typed in (str(outside), "/root", "/", f"{tiny_dataset}/../../{outside.name}"):
+        with pytest.raises(DatasetError) as info:
+            jobs.resolve_training_data(typed, roots)
+        assert str(info.value).startswith(typed) and "not inside" in str(info.value)
+        assert ".ssh" not in str(info.value) and "id_rsa" not in str(info.value)
+    link = tiny_dataset.parent / "escape-link"
+    link.symlink_to(outside, target_is_directory=True)
+    try:
+        with pytest.raises(DatasetError, match="not inside"):  # a link inside a root that leads out of it
+            jobs.resolve_training_data(str(link), roots)
+    finally:
+        link.unlink()
+    with pytest.raises(DatasetError, match="no training data folders are configured"):
+        jobs.resolve_training_data(str(tiny_dataset), [])
+    monkeypatch.delenv(jobs.DATA_ROOTS_ENV)
+    monkeypatch.delenv("MAMMO_DATA_DIR", raising=False)
+    with pytest.raises(DatasetError, match="no training data folders"):
+        jobs.start_training(TrainConfig(data_dir=str(tiny_dataset), name="x", epochs=1), tmp_path / "w")
+    assert not (tmp_path / "w" / jobs.RUNS_DIR).exists()
+
+
+def test_a_bad_dataset_layout_never_lists_the_folder(tmp_path):
+    folder = tmp_path / "home"
+    for name in (".ssh", "private-notes", "Smith_Anna"):
+        (folder / name).mkdir(parents=True)
+    with pytest.raises(DatasetError) as info:
+        jobs.start_training(TrainConfig(data_dir=str(folder), name="x", epochs=1), tmp_path / "w")
+    message = str(info.value)
+    assert str(folder) in message
+    assert not any(name in message for name in (".ssh", "private-notes", "Smith_Anna")), message
+
+
+def test_read_only_or_full_weights_folder_is_refused_before_launching(tiny_dataset, tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from mammo_core.errors import ModelDirError
+
+    root = tmp_path / "weights"
+    root.mkdir()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(ModelDirError, match="only 0 MB free"):
+        jobs.start_training(TrainConfig(data_dir=str(tiny_dataset), name="x", epochs=1), root)
+    monkeypatch.undo()
+    monkeypatch.setenv(jobs.DATA_ROOTS_ENV, str(tiny_dataset.parent))
+    real_write_bytes = type(root).write_bytes
+
+    def read_only(self, data):
+        if self.name.startswith(".write-check"):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(type(root), "write_bytes", read_only)
+    with pytest.raises(ModelDirError) as info:
+        jobs.start_training(TrainConfig(data_dir=str(tiny_dataset), name="x", epochs=1), root)
+    assert "read-only" in str(info.value) and "\n" not in str(info.value)
+    assert sorted(p.name for p in root.iterdir()) == []  # nothing left behind

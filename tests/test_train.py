@@ -96,7 +96,7 @@ def test_one_training_at_a_time(tiny_dataset, tmp_path):
     assert not training_in_progress(tmp_path)
 
 
-def test_corrupted_model_is_detected_and_fallback_used(trained, tmp_path):
+def test_corrupted_model_is_detected_and_never_swapped(trained, tmp_path):
     import shutil
 
     model_dir, _ = trained
@@ -112,9 +112,11 @@ def test_corrupted_model_is_detected_and_fallback_used(trained, tmp_path):
     with pytest.raises(ModelDirError, match="does not match"):
         registry.load_model(root / "bad")
     registry.atomic_write_text(root / "ACTIVE", "bad\n")
-    model, card, used, warnings = registry.load_model_with_fallback(root=root)
-    assert used.name == "good"
-    assert any("does not match" in w for w in warnings) and any("Using good" in w for w in warnings)
+    # No silent swap: the active model is still "bad", and loading it says why instead of using "good".
+    assert registry.active_model_name(root) == "bad"
+    with pytest.raises(ModelDirError, match="does not match"):
+        registry.load_model(registry.resolve_model_dir(None, root=root))
+    assert not hasattr(registry, "load_model_with_fallback")
 
 
 def _start_training(weights: Path, dataset: Path, name: str, progress: Path, epochs: int = 200):
