@@ -384,7 +384,7 @@ def _password_user() -> auth.User:
 
 
 def _oidc_user(secrets: dict[str, Any]) -> auth.User:
-    if not st.user.is_logged_in:
+    if not st.user.get("is_logged_in"):
         st.title("Sign in")
         providers = [k for k, v in (secrets.get("auth") or {}).items() if isinstance(v, dict)]
         for provider in providers or [None]:
