@@ -477,3 +477,34 @@ def test_messages_never_show_credentials():
     assert parse_address("pacs:104") == ("pacs", 104)
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_address("pacs")
+
+
+def test_sr_carries_interval_distribution_flag_warnings_and_peak_region():
+    """The fields an ensemble's Prediction adds reach the SR; the region sits on the Grad-CAM peak."""
+    from types import SimpleNamespace
+
+    from mammo_core.pacs.scoring import BreastScore, ImageScore, StudyScore
+    from mammo_core.pacs.sc import build_capture
+    from mammo_core.pacs.sr import build_report, read_report
+    from mammo_core.pacs.study import image_from_dataset
+
+    ds = mammogram(generate_uid(), generate_uid(), "L", "CC", 1, seed=2)
+    heat = np.zeros((224, 224), np.float32)
+    heat[112:128, 28:56] = 1.0  # rows 480-548, columns 96-192 of the 960x768 source
+    pred = SimpleNamespace(name="x", probability=0.8, label="malignant", threshold=0.5, heatmap=heat, error=None,
+                           image=SimpleNamespace(pixels=np.zeros((ROWS, COLUMNS), np.uint8)),
+                           probability_interval=(0.7, 0.9), in_distribution=False, warnings=["unusual contrast"])
+    image = ImageScore(image_from_dataset(ds), pred)
+    score = StudyScore(study_uid=ds.StudyInstanceUID, model="m", model_sha256="ab" * 32, threshold=0.5, rule="max",
+                       images=[image], breasts=[BreastScore("L", 0.8, "malignant", [image])],
+                       exam_probability=0.8, exam_label="malignant")
+    report = read_report(build_report(score, series_uid=generate_uid()))
+    entry = report["images"][str(ds.SOPInstanceUID)]
+    assert entry["interval"] == pytest.approx((0.7, 0.9)) and entry["in_distribution"] is False
+    assert entry["warnings"] == ["unusual contrast"] and entry["label"] == "malignant"
+    xy = np.asarray(entry["region"])
+    assert xy[:, 0].min() == pytest.approx(96, abs=3) and xy[:, 0].max() == pytest.approx(192, abs=3)
+    assert xy[:, 1].min() == pytest.approx(480, abs=3) and xy[:, 1].max() == pytest.approx(548, abs=3)
+    assert report["breasts"]["L"]["probability"] == pytest.approx(0.8) and report["exam"]["label"] == "malignant"
+    sc = build_capture(image, model_name="m", series_uid=generate_uid(), instance_number=1)
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID and sc.Laterality == "L"

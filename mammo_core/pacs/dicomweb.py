@@ -100,6 +100,8 @@ class DicomWebPacs:
                 image = image_from_dataset(ds)
             except PacsError as exc:
                 image.error = str(exc)
+            except Exception as exc:  # the server's copy is not a readable Part 10 file
+                image.error = f"{image.label}: {self.name} sent a file that cannot be read ({type(exc).__name__})."
             images.append(image)
         images.sort(key=lambda im: (im.laterality or "~", im.view or "~", im.sop_uid))
         return images, skipped
