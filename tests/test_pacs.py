@@ -438,6 +438,16 @@ def test_unreachable_or_refusing_pacs_is_one_line_and_exit_1(case, orthanc, tiny
     assert wrong not in err and orthanc.password not in err
 
 
+@pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
+def test_echo_confirms_the_connection(protocol, orthanc, capsys, monkeypatch):
+    monkeypatch.setenv(ENV_PASSWORD, orthanc.password)
+    where = (["--dicomweb", orthanc.dicomweb, "--username", orthanc.username] if protocol == "dicomweb"
+             else ["--dimse", f"127.0.0.1:{orthanc.dicom_port}", "--aet", orthanc.aet])
+    code, _, out, err = run_cli(capsys, "pacs", "echo", *where)
+    assert code == 0 and out.strip().endswith(": OK"), err
+    assert orthanc.password not in out + err
+
+
 # --- pieces that need no server ------------------------------------------------------------------
 
 

@@ -157,13 +157,15 @@ def _connection_options(p: argparse.ArgumentParser, *, dimse: bool = True) -> No
 def _credential_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--username", default=None, help=f"DICOMweb user (default: ${ENV_USERNAME})")
     p.add_argument("--password", default=None,
-                   help=f"DICOMweb password (default: ${ENV_PASSWORD}; prefer the variable, a command line is visible to other users)")
+                   help=f"DICOMweb password (default: ${ENV_PASSWORD}; prefer the variable: a command line is "
+                        "visible to other users)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the PACS (default 30)")
 
 
 def add_pacs_parser(sub: Any) -> None:
     """Register `pacs` and its subcommands on the main parser's subparsers."""
-    pacs = sub.add_parser("pacs", help="PACS round trip: score a study by breast and exam, push back an SR and Secondary Captures")
+    pacs = sub.add_parser("pacs", help="PACS round trip: score a study by breast and exam, push back an SR and "
+                          "Secondary Captures")
     psub = pacs.add_subparsers(dest="pacs_command", required=True)
 
     p = psub.add_parser("echo", help="check that a PACS answers and accepts the credentials")
@@ -189,7 +191,8 @@ def add_pacs_parser(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--aet", default=DEFAULT_AET, help=f"our AE title (default {DEFAULT_AET})")
     p.add_argument("--out", type=Path, required=True, help="folder for the received files (one subfolder per study)")
-    p.add_argument("--idle", type=float, default=10.0, help="seconds without a new image after which a study is complete (default 10)")
+    p.add_argument("--idle", type=float, default=10.0,
+                   help="seconds without a new image after which a study is complete (default 10)")
     p.add_argument("--push-results-to", metavar="URL", default=None, help="DICOMweb root to store the SR and SCs into")
     _credential_options(p)
     p.add_argument("--model", default=None, help="model name or directory (default: the active model)")

@@ -19,13 +19,12 @@ from .study import StudyImage
 from .vocabulary import BREAST_RULES, DEFAULT_BREAST_RULE
 
 
-
 @dataclass
 class ImageScore:
     """One image and its prediction (`prediction.error` set when it could not be scored)."""
 
     image: StudyImage
-    prediction: Any  # mammo_core.predict.Prediction
+    prediction: Prediction
 
     @property
     def ok(self) -> bool:
@@ -59,7 +58,6 @@ class StudyScore:
     breasts: list[BreastScore] = field(default_factory=list)
     exam_probability: float | None = None
     exam_label: str | None = None
-    skipped: list[str] = field(default_factory=list)  # one line per instance not scored, and why
 
     @property
     def scored(self) -> list[ImageScore]:
@@ -98,7 +96,7 @@ def score_study(predictor: Any, study_uid: str, images: Iterable[StudyImage], *,
     missing = [im for im in images if im.data is None]
     present = [im for im in images if im.data is not None]
     preds = predictor.score_many([(im.data, im.label) for im in present], with_cam=with_cam, keep_images=True)
-    result.images = [ImageScore(im, pred) for im, pred in zip(present, preds)]
+    result.images = [ImageScore(im, pred) for im, pred in zip(present, preds, strict=True)]
     for im in missing:
         result.images.append(ImageScore(im, Prediction(name=im.label, error=im.error or f"{im.label}: could not be retrieved.")))
     for side in ("R", "L"):

@@ -21,8 +21,8 @@ from pydicom.sr.coding import Code
 
 from .scoring import ImageScore, StudyScore, heatmap_on_frame
 from .vocabulary import (BREAST, COMMENT, DECISION, DECISION_VALUES, DERIVATION, DISCLAIMER, IN_DISTRIBUTION,
-                         INTERVAL_HIGH, INTERVAL_LOW, MAMMOGRAPHY, MANUFACTURER, NO, PRIVATE_SCHEME, NO_UNITS, PROBABILITY_OF_CANCER,
-                         SR_SERIES_NUMBER, THRESHOLD, YES)
+                         INTERVAL_HIGH, INTERVAL_LOW, MAMMOGRAPHY, MANUFACTURER, NO, NO_UNITS, PRIVATE_SCHEME,
+                         PROBABILITY_OF_CANCER, SR_SERIES_NUMBER, THRESHOLD, YES)
 
 _SIDE = {"L": Code("7771000", "SCT", "Left"), "R": Code("24028007", "SCT", "Right")}
 #: Grad-CAM values at or above this fraction of the peak form the region reported around the peak.
@@ -104,7 +104,7 @@ def _image_group(score: ImageScore, algorithm: hd.sr.AlgorithmIdentification, th
 
 
 def _site(laterality: str | None) -> hd.sr.FindingSite:
-    return hd.sr.FindingSite(BREAST, laterality=_SIDE.get(laterality)) if laterality in _SIDE else hd.sr.FindingSite(BREAST)
+    return hd.sr.FindingSite(BREAST, laterality=_SIDE[laterality]) if laterality in _SIDE else hd.sr.FindingSite(BREAST)
 
 
 def _summary_group(identifier: str, probability: float, label: str, images: list[ImageScore], rule: str,
