@@ -26,6 +26,7 @@ from . import data as data_mod
 from .calibration import apply_temperature, dumps, fit_temperature
 from .config import DEFAULT_SEED, DEFAULT_THRESHOLD
 from .evaluate import auc as auc_score
+from .preprocessing import PREPROCESSING_ID
 
 METRICS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity")
 INNER_VAL_FOLDS = 4  # the validation part is 1 of 4 group folds of the training folds: 25 % of their groups
@@ -49,6 +50,11 @@ class CVConfig:
     n_boot: int = 2000
     threshold: float = DEFAULT_THRESHOLD
     precision: str = "auto"  # paper-cnn only (fast_training); other architectures train in float32
+    preprocessing: str = PREPROCESSING_ID  # `preprocessing.PREPROCESSINGS`
+    #: efficientnet-lite0-ft: the fine-tuning recipe (None: `finetune.Recipe()`)
+    recipe: Any = None
+    #: score only the validation parts (recipe selection): the test folds are never predicted
+    inner_only: bool = False
 
     def validate(self) -> None:
         from .fast_training import check_precision
@@ -140,8 +146,10 @@ class FeatureHeadTrainer:
         from . import features
 
         self.features_mod = features
-        self.features = features.cached_features(frame["path"].tolist(), architecture=config.architecture, log=log)
-        self.extraction_seconds = features.extraction_seconds(frame["path"].tolist(), architecture=config.architecture)
+        self.features = features.cached_features(frame["path"].tolist(), architecture=config.architecture,
+                                                 preprocessing=config.preprocessing, log=log)
+        self.extraction_seconds = features.extraction_seconds(frame["path"].tolist(), architecture=config.architecture,
+                                                              preprocessing=config.preprocessing)
         self.epochs = config.epochs or features.HEAD_EPOCHS
         self.config = config
 
@@ -187,7 +195,7 @@ class ImageModelTrainer:
         self.computation: dict[str, str] | None = None  # set by the first fold (fast_training.training_model)
         log(f"decoding {len(frame)} images ...")
         t0 = time.time()
-        self.images = data_mod.load_images(frame["path"].tolist())
+        self.images = data_mod.load_images(frame["path"].tolist(), preprocessing=config.preprocessing)
         log(f"decoded in {time.time() - t0:.1f} s")
 
     def budget(self) -> dict[str, Any]:
@@ -241,11 +249,67 @@ class ImageModelTrainer:
         }
 
 
+class FineTuneTrainer:
+    """EfficientNet-Lite0's upper stages fine-tuned per fold on cached trunk activations (`finetune.fit_member`).
+
+    Keeps every fold's member: the shipped ensemble is made of them (`ensemble.train_ensemble_into`).
+    """
+
+    def __init__(self, frame: pd.DataFrame, config: CVConfig, log: Callable[[str], None]) -> None:
+        from . import finetune
+
+        self.ft = finetune
+        self.recipe = config.recipe or finetune.Recipe()
+        self.recipe.validate()
+        self.frame = frame
+        self.log = log
+        self.activations, self.extraction_seconds = finetune.cached_activations(
+            frame["path"].tolist(), cut=self.recipe.cut, preprocessing=config.preprocessing, log=log)
+        _, self.core = finetune.build_parts(self.recipe.cut)
+        self.labels = frame["label"].to_numpy()
+        self.groups = frame["group"].to_numpy()
+        self.members: list[Any] = []
+        self.images_per_second: list[float] = []
+
+    def budget(self) -> dict[str, Any]:
+        n = len(self.activations)
+        return {
+            "strategy": f"ImageNet EfficientNet-Lite0 trunk frozen up to {self.ft.CUTS[self.recipe.cut]} (activations "
+                        f"cached once per image); stages from {self.recipe.cut} and a Dense(1) head fine-tuned per fold",
+            "recipe": self.ft.recipe_dict(self.recipe),
+            "optimizer": "adamw", "class_weighted": True, "batchnorm": "inference mode, ImageNet statistics, frozen",
+            "selection": "epoch with the best validation AUC (Keras EarlyStopping, restore_best_weights)",
+            "copies_per_source": self.recipe.copies_per_source,
+            "feature_extraction_seconds": round(self.extraction_seconds, 1) if self.extraction_seconds else None,
+            "feature_extraction_images_per_second": round(n / self.extraction_seconds, 1) if self.extraction_seconds else None,
+        }
+
+    def __call__(self, train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, seed: int) -> dict[str, Any]:
+        from scipy.special import expit
+
+        member, info = self.ft.fit_member(self.activations, self.labels, self.groups, train.index.to_numpy(),
+                                          val.index.to_numpy(), self.recipe, seed=seed, core=self.core,
+                                          index=len(self.members), log=self.log)
+        self.members.append(member)
+        test_logits = self.ft.predict_logits(member, self.activations[test.index.to_numpy()]) if len(test) else np.zeros(0)
+        return {
+            "val": expit(info["val_logits"].astype(np.float64)),
+            "test": expit(test_logits.astype(np.float64)),
+            "val_frame": self.frame.iloc[info["val_rows"]],
+            "info": {"best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"],
+                     "train_images_per_epoch": info["trained_images"] // max(info["epochs_run"], 1)},
+            "trained_images": info["trained_images"],
+        }
+
+
 def _trainer(frame: pd.DataFrame, config: CVConfig, log: Callable[[str], None]):
     from .model import get_architecture
 
-    if get_architecture(config.architecture).strategy == "features":
+    strategy = get_architecture(config.architecture).strategy
+    if strategy == "features":
         return FeatureHeadTrainer(frame, config, log)
+    if strategy == "finetune":
+        return FineTuneTrainer(frame, config, log)
     return ImageModelTrainer(frame, config, log)
 
 
@@ -281,9 +345,15 @@ def run_cv(config: CVConfig, *, log: Callable[[str], None] = print) -> tuple[dic
     """
     config.validate()
     frame = data_mod.scan_dataset(config.data_dir, patient_map=config.patient_map).reset_index(drop=True)
+    trainer = _trainer(frame, config, log)
+    return run_folds(config, frame, trainer, log=log)
+
+
+def run_folds(config: CVConfig, frame: pd.DataFrame, trainer: Any, *,
+              log: Callable[[str], None] = print) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The fold loop of `run_cv` with a given trainer (the ensemble keeps the trainer's fold members)."""
     folds, val_masks = fold_assignment(frame, config)
     group_col = "group" if config.group_by == "source" else "patient"
-    trainer = _trainer(frame, config, log)
     oof_uncal = np.full(len(frame), np.nan)
     oof_cal = np.full(len(frame), np.nan)
     fold_rows = []
@@ -293,12 +363,20 @@ def run_cv(config: CVConfig, *, log: Callable[[str], None] = print) -> tuple[dic
         test = frame[folds == f]
         val = frame[val_masks[f]]
         train = frame[(folds != f) & ~val_masks[f]]
-        assert not set(train[group_col]) & set(test[group_col]) and not set(val[group_col]) & set(test[group_col])
+        if set(train[group_col]) & set(test[group_col]) or set(val[group_col]) & set(test[group_col]):
+            raise RuntimeError(f"fold {f}: a {group_col} is on both sides of the split; the folds leak")
+        if config.inner_only:
+            test = test.iloc[0:0]  # recipe selection: the test fold is never scored
         t0 = time.time()
         out = trainer(train, val, test, seed=config.seed + f)
         seconds.append(time.time() - t0)
         trained += out["trained_images"]
         val_labels = out["val_frame"]["label"].to_numpy()
+        if config.inner_only:
+            fold_rows.append({"fold": f, "val_auc": auc_score(val_labels, out["val"]), "minutes": round(seconds[-1] / 60, 2),
+                              **out["info"]})
+            log(f"fold {f}: validation AUC {fold_rows[-1]['val_auc']:.3f}; {seconds[-1]:.0f} s")
+            continue
         temperature = fit_temperature(val_labels, out["val"])
         test_cal = apply_temperature(out["test"], temperature)
         oof_uncal[test.index] = out["test"]
@@ -313,6 +391,11 @@ def run_cv(config: CVConfig, *, log: Callable[[str], None] = print) -> tuple[dic
         log(f"fold {f}: test AUC {m['auc']:.3f}, acc {m['accuracy']:.3f}, sens {m['sensitivity']:.3f}, "
             f"spec {m['specificity']:.3f} ({len(test)} images, {row['n_groups']} groups); "
             f"validation AUC {row['val_auc']:.3f}; {seconds[-1]:.0f} s")
+    if config.inner_only:
+        return {"protocol": protocol_text(config.k, config.group_by) + " (validation parts only)",
+                "architecture": config.architecture, "group_by": config.group_by, "folds": fold_rows,
+                "mean_validation_auc": float(np.nanmean([r["val_auc"] for r in fold_rows])),
+                "training": trainer.budget(), "config": asdict(config)}, pd.DataFrame()
     oof = pd.DataFrame({"path": frame["path"], "group": frame["group"], "patient": frame["patient"],
                         "label": frame["label"], "fold": folds, "probability": oof_cal,
                         "probability_uncalibrated": oof_uncal})

@@ -25,7 +25,8 @@ import pandas as pd
 
 from .config import CLASS_NAMES, IMAGE_EXTENSIONS, IMAGE_SIZE
 from .errors import DatasetError, ImageReadError
-from .imaging import load_for_model
+from .imaging import load_image
+from .preprocessing import PREPROCESSING_ID, model_input
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
@@ -196,10 +197,11 @@ def group_folds(frame: pd.DataFrame, *, n_folds: int, seed: int = 0, group_by: s
     return frame[column].map(fold_of).to_numpy()
 
 
-def load_images(paths: Sequence[str], *, workers: int | None = None) -> np.ndarray:
-    """Decode files once into a (N, IMAGE_SIZE, IMAGE_SIZE) uint8 array, in parallel threads.
+def load_images(paths: Sequence[str], *, workers: int | None = None, preprocessing: str = PREPROCESSING_ID) -> np.ndarray:
+    """Decode files once into a (N, IMAGE_SIZE, IMAGE_SIZE) uint8 array of model inputs, in parallel threads.
 
-    Raises DatasetError listing every file that could not be read.
+    Every file goes through `preprocessing.model_input` with the named preprocessing, the same function
+    the CLI and the app use. Raises DatasetError listing every file that could not be read.
     """
     out = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     errors: list[str] = []
@@ -207,7 +209,7 @@ def load_images(paths: Sequence[str], *, workers: int | None = None) -> np.ndarr
     def work(i_path: tuple[int, str]) -> None:
         i, path = i_path
         try:
-            out[i] = load_for_model(path)
+            out[i] = model_input(load_image(path).pixels, preprocessing)
         except ImageReadError as exc:
             errors.append(str(exc))
 

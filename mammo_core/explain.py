@@ -83,6 +83,19 @@ def _head_to_logit(head: list, x):
     raise ValueError("the model must end in a sigmoid (a Dense with sigmoid activation or a sigmoid Activation)")
 
 
+def cam_from_gradients(features, grads, size):
+    """Grad-CAM maps from a feature map (N, h, w, c) and the logit's gradients with respect to it:
+    channel weights = spatial mean of the gradients; map = ReLU of the weighted sum, scaled per image to
+    [0, 1] and resized (bilinear) to `size`. TensorFlow tensors in and out (inside a compiled call)."""
+    import tensorflow as tf
+
+    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
+    cam = cam / (tf.reduce_max(cam, axis=(1, 2), keepdims=True) + 1e-8)
+    cam = tf.image.resize(cam[..., None], size, method="bilinear")[..., 0]
+    return tf.clip_by_value(cam, 0.0, 1.0)
+
+
 class GradCAM:
     """Probability and Grad-CAM heatmap from one compiled call (one forward and one backward pass).
 
@@ -115,11 +128,7 @@ class GradCAM:
             logit = _head_to_logit(self._head, features)
             total = tf.reduce_sum(logit)  # each image's logit depends only on its own features
         grads = tape.gradient(total, features)
-        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-        cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
-        cam = cam / (tf.reduce_max(cam, axis=(1, 2), keepdims=True) + 1e-8)
-        cam = tf.image.resize(cam[..., None], self.input_shape[:2], method="bilinear")[..., 0]
-        return tf.sigmoid(logit)[:, 0], tf.clip_by_value(cam, 0.0, 1.0)
+        return tf.sigmoid(logit)[:, 0], cam_from_gradients(features, grads, self.input_shape[:2])
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         probs, cams = self._fn(np.asarray(images, dtype=np.float32))

@@ -39,11 +39,14 @@ def _weights_id() -> str:
     return sha256_file(imagenet_weights_path())[:16]
 
 
-def _cache_key(paths: Sequence[str], flip: bool, architecture: str) -> str:
-    # The original architecture's key is unchanged from the first version of this cache.
+def _cache_key(paths: Sequence[str], flip: bool, architecture: str, preprocessing: str) -> str:
+    from .preprocessing import LEGACY
+
+    # Keys of the original architecture and preprocessing are unchanged from the first version of this cache.
     arch = "" if architecture == DEFAULT_ARCHITECTURE else f"\t{architecture}"
     version = "efficientnet-lite0-avgpool-v1" if not arch else _VERSION
-    digest = hashlib.sha256(f"{version}\t{_weights_id()}\tflip={flip}{arch}\n".encode())
+    prep = "" if preprocessing == LEGACY else f"\t{preprocessing}"
+    digest = hashlib.sha256(f"{version}\t{_weights_id()}\tflip={flip}{arch}{prep}\n".encode())
     for path in sorted(paths):
         st = os.stat(path)
         digest.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
@@ -61,7 +64,8 @@ def build_extractor(architecture: str = DEFAULT_ARCHITECTURE):
 
 
 def extract(paths: Sequence[str], *, architecture: str = DEFAULT_ARCHITECTURE, flip: bool = False,
-            batch_size: int = 32, chunk: int = 256, log: Callable[[str], None] = print) -> np.ndarray:
+            preprocessing: str, batch_size: int = 32, chunk: int = 256,
+            log: Callable[[str], None] = print) -> np.ndarray:
     """Features (len(paths), D) float32 for image files, decoded with `data.load_images` (no cache).
 
     `flip=True` mirrors every image left-right first (test-time augmentation).
@@ -76,7 +80,7 @@ def extract(paths: Sequence[str], *, architecture: str = DEFAULT_ARCHITECTURE, f
     out = np.empty((len(paths), int(extractor.output.shape[-1])), dtype=np.float32)
     t0 = time.time()
     for start in range(0, len(paths), chunk):
-        images = load_images(list(paths[start:start + chunk]))
+        images = load_images(list(paths[start:start + chunk]), preprocessing=preprocessing)
         if flip:
             images = images[:, :, ::-1]
         for i in range(0, len(images), batch_size):
@@ -89,7 +93,7 @@ def extract(paths: Sequence[str], *, architecture: str = DEFAULT_ARCHITECTURE, f
 
 
 def cached_features(paths: Sequence[str], *, architecture: str = DEFAULT_ARCHITECTURE, flip: bool = False,
-                    log: Callable[[str], None] = print) -> np.ndarray:
+                    preprocessing: str, log: Callable[[str], None] = print) -> np.ndarray:
     """Features for `paths` (in the given order), from the cache or computed once and stored.
 
     The cache file holds the sorted set of paths; any order or subset of the same set is served from it.
@@ -97,14 +101,14 @@ def cached_features(paths: Sequence[str], *, architecture: str = DEFAULT_ARCHITE
     paths = [os.path.abspath(p) for p in paths]
     ordered = sorted(set(paths))
     folder = cache_dir()
-    target = folder / f"features-{_cache_key(ordered, flip, architecture)}.npz"
+    target = folder / f"features-{_cache_key(ordered, flip, architecture, preprocessing)}.npz"
     if target.is_file():
         with np.load(target, allow_pickle=False) as stored:
             stored_paths, feats = stored["paths"].tolist(), stored["features"]
         log(f"features: {len(stored_paths)} from cache {target}")
     else:
         t0 = time.time()
-        feats = extract(ordered, architecture=architecture, flip=flip, log=log)
+        feats = extract(ordered, architecture=architecture, flip=flip, preprocessing=preprocessing, log=log)
         seconds = time.time() - t0
         folder.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp.npz")
@@ -117,9 +121,10 @@ def cached_features(paths: Sequence[str], *, architecture: str = DEFAULT_ARCHITE
 
 
 def extraction_seconds(paths: Sequence[str], *, architecture: str = DEFAULT_ARCHITECTURE,
-                       flip: bool = False) -> float | None:
+                       flip: bool = False, preprocessing: str) -> float | None:
     """Seconds the cached extraction of `paths` took, when it is cached (for benchmarks)."""
-    target = cache_dir() / f"features-{_cache_key(sorted({os.path.abspath(p) for p in paths}), flip, architecture)}.npz"
+    key = _cache_key(sorted({os.path.abspath(p) for p in paths}), flip, architecture, preprocessing)
+    target = cache_dir() / f"features-{key}.npz"
     if not target.is_file():
         return None
     with np.load(target, allow_pickle=False) as stored:

@@ -171,6 +171,36 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+def build_efficientnet_lite0_ft(*, channels: int = 1, image_size: int = IMAGE_SIZE):
+    """An untrained one-member `efficientnet-lite0-ft` ensemble (the trained one comes from `mammo_core train`)."""
+    import numpy as np
+
+    from . import finetune
+
+    if channels != 1 or image_size != IMAGE_SIZE:
+        raise ValueError("efficientnet-lite0-ft takes 224x224 grayscale input")
+    recipe = finetune.Recipe()
+    _, core = finetune.build_parts(recipe.cut)
+    width = int(core.input.shape[-1])
+    return finetune.build_ensemble([finetune.build_member(core, recipe)], recipe.cut,
+                                   (np.eye(width, dtype=np.float32), np.zeros(width, dtype=np.float32)))
+
+
+ARCHITECTURES["efficientnet-lite0-ft"] = Architecture(
+    name="efficientnet-lite0-ft",
+    description="ImageNet EfficientNet-Lite0, trunk frozen up to block 6a; stages 6-7, the top convolution and a "
+                "Dense(1) head fine-tuned on cached activations, once per cross-validation fold; the shipped model "
+                "is the ensemble of the fold models (mean probability, range across members).",
+    build=build_efficientnet_lite0_ft,
+    optimizer="adamw",
+    learning_rate=1e-4,
+    strategy="finetune",
+    class_weighted=True,
+    cam_layer="trunk",
+    fixed_channels=1,
+)
+
+
 def get_architecture(name: str) -> Architecture:
     """Look up an architecture by name, with an error that lists the known ones."""
     try:

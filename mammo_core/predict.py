@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -20,26 +20,58 @@ from .calibration import apply_temperature, card_temperature
 from .config import CLASS_NAMES, DEFAULT_THRESHOLD, IMAGE_SIZE
 from .errors import ImageReadError
 from .imaging import LoadedImage, Source, load_image, resize_for_model
+from .preprocessing import LEGACY, PREPROCESSING_ID, Geometry, card_preprocessing, prepare, to_original
 
 
 @dataclass
 class Prediction:
-    """The result for one input. Either `error` is set, or `probability` and `label` are."""
+    """The result for one input. Either `error` is set, or `probability` and `label` are.
+
+    `heatmap` is the Grad-CAM map over the model's input (`model_input`, the preprocessed 224x224 view);
+    `heatmap_on_original` draws it back onto the decoded original (crop, flip and resize undone).
+    """
 
     name: str
     probability: float | None = None
     label: str | None = None
     threshold: float | None = None
-    heatmap: np.ndarray | None = None  # (224, 224) float in [0, 1]
+    heatmap: np.ndarray | None = None  # (224, 224) float in [0, 1], over `model_input`
     image: LoadedImage | None = None  # the decoded original (kept for overlays)
     sha256: str | None = None  # of the input bytes, for the audit log
     error: str | None = None
+    model_input: np.ndarray | None = None  # (224, 224) uint8: what the model saw
+    geometry: Geometry | None = None  # how `model_input` maps onto the original (None: whole frame stretched)
+    outline: np.ndarray | None = None  # (K, 2) row, col points of the breast outline on the original
+    #: (low, high) range of the ensemble members' calibrated probabilities; None for a single model
+    probability_interval: tuple[float, float] | None = None
+    ood_score: float | None = None  # squared Mahalanobis distance of the trunk features (ensembles)
+    in_distribution: bool | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def heatmap_on_original(self, shape: tuple[int, int] | None = None) -> np.ndarray | None:
+        """The heatmap over the original frame (or a `shape`-sized version of it); None without a heatmap."""
+        if self.heatmap is None or self.image is None:
+            return None
+        original = self.image.pixels.shape
+        if self.geometry is None:
+            from PIL import Image
+
+            rows, cols = shape or original
+            return np.asarray(Image.fromarray(self.heatmap.astype(np.float32), mode="F").resize((cols, rows), Image.BILINEAR))
+        return to_original(self.heatmap, self.geometry, shape)
 
     def to_json(self, model_name: str) -> dict[str, Any]:
         if self.error is not None:
             return {"path": self.name, "error": self.error}
-        return {"path": self.name, "probability": round(float(self.probability), 6), "label": self.label,
-                "threshold": self.threshold, "model": model_name}
+        out = {"path": self.name, "probability": round(float(self.probability), 6), "label": self.label,
+               "threshold": self.threshold, "model": model_name,
+               "in_distribution": bool(self.in_distribution) if self.in_distribution is not None else None,
+               "warnings": list(self.warnings)}
+        if self.probability_interval is not None:
+            out["probability_interval"] = [round(float(v), 6) for v in self.probability_interval]
+        if self.ood_score is not None:
+            out["ood_score"] = round(float(self.ood_score), 3)
+        return out
 
 
 def _model_channels(model: Any) -> int:
@@ -75,14 +107,19 @@ def predict_arrays(model: Any, images: np.ndarray, *, channels: int | None = Non
 class Predictor:
     """A loaded model with its card, ready to score images.
 
+    Every input goes through `preprocessing` with the pipeline the card names (the breast crop for
+    models trained with it; the paper's whole-frame resize for older cards), then through one compiled
+    call that gives the probability and, when asked, the Grad-CAM map. An ensemble
+    (`efficientnet-lite0-ft`) also gives the members' range and an out-of-distribution distance.
+
     Args:
-        model: Keras model ending in one sigmoid unit.
-        card: its model card (threshold, name...).
+        model: Keras model ending in one sigmoid unit, or a `finetune.build_ensemble` model.
+        card: its model card (threshold, name, preprocessing, temperatures...).
         model_dir: where it was loaded from (for display).
     """
 
     def __init__(self, model: Any, card: dict[str, Any], model_dir: Path | None = None) -> None:
-        from .explain import GradCAM
+        from .finetune import is_ensemble
 
         self.model = model
         self.card = card
@@ -90,12 +127,24 @@ class Predictor:
         self.name: str = card.get("name") or (model_dir.name if model_dir else model.name)
         self.model_sha256: str = card.get("model_sha256", "")
         self.threshold: float = float(card.get("threshold", DEFAULT_THRESHOLD))
-        # Temperature scaling from the card (`calibration.calibrate_model_dir`); 1.0 when uncalibrated.
-        self.temperature: float = card_temperature(card)
+        self.preprocessing: str = card_preprocessing(card)
         self.channels = _model_channels(model)
-        # The card may name the Grad-CAM layer (e.g. EfficientNet's "top_activation"); else the last convolution.
-        self.cam = GradCAM(model, card.get("cam_layer") or None)
-        self._infer = make_inference_function(model, self.channels)
+        ood = card.get("ood") or {}
+        self.ood_threshold: float | None = float(ood["threshold"]) if "threshold" in ood else None
+        self.ensemble = None
+        if is_ensemble(model):
+            from .ensemble import EnsembleScorer
+
+            self.ensemble = EnsembleScorer(model, card)
+            self.temperature = 1.0  # per member, inside the scorer
+        else:
+            from .explain import GradCAM
+
+            # Temperature scaling from the card (`calibration.calibrate_model_dir`); 1.0 when uncalibrated.
+            self.temperature: float = card_temperature(card)
+            # The card may name the Grad-CAM layer (e.g. EfficientNet's "top_activation"); else the last convolution.
+            self.cam = GradCAM(model, card.get("cam_layer") or None)
+            self._infer = make_inference_function(model, self.channels)
 
     @classmethod
     def load(cls, name_or_dir: str | Path | None = None, *, root: str | Path | None = None) -> "Predictor":
@@ -110,11 +159,17 @@ class Predictor:
         """Trace the compiled function once so the first real request is fast."""
         self.score_arrays(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8))
 
-    def score_arrays(self, images: np.ndarray, *, with_cam: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """(N, 224, 224) uint8 -> probabilities (N,) and heatmaps (N, 224, 224) (None without Grad-CAM).
+    def score_batch(self, images: np.ndarray, *, with_cam: bool = True) -> dict[str, np.ndarray | None]:
+        """(N, 224, 224) uint8 model inputs -> {"probability": (N,), "heatmap": (N, 224, 224) or None,
+        "interval": (N, 2) or None, "ood": (N,) or None}.
 
-        Probabilities are calibrated with the card's temperature when it has one (p = sigmoid(logit / T)).
+        Probabilities are calibrated: with the card's temperature for a single model, with each member's
+        temperature for an ensemble, whose probability is the members' mean and interval their range.
         """
+        if self.ensemble is not None:
+            members, ood, cams = self.ensemble(images, with_cam=with_cam)
+            return {"probability": members.mean(axis=1), "heatmap": cams,
+                    "interval": np.stack([members.min(axis=1), members.max(axis=1)], axis=1), "ood": ood}
         batch = to_model_batch(images, self.channels)
         if with_cam:
             probs, cams = self.cam(batch)
@@ -122,7 +177,12 @@ class Predictor:
             probs, cams = predict_arrays(self.model, images, channels=self.channels, infer=self._infer), None
         if self.temperature != 1.0:
             probs = apply_temperature(probs, self.temperature)
-        return probs, cams
+        return {"probability": probs, "heatmap": cams, "interval": None, "ood": None}
+
+    def score_arrays(self, images: np.ndarray, *, with_cam: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, 224, 224) uint8 model inputs -> probabilities (N,) and heatmaps (N, 224, 224) (None without Grad-CAM)."""
+        out = self.score_batch(images, with_cam=with_cam)
+        return out["probability"], out["heatmap"]
 
     def decision(self, probability: float, threshold: float | None = None) -> str:
         """Class name at the threshold (the card's by default): malignant when probability >= threshold."""
@@ -131,11 +191,7 @@ class Predictor:
 
     def score_one(self, source: Source, *, name: str | None = None, with_cam: bool = True) -> Prediction:
         """Decode and score one path or upload; never raises for a bad image (see `Prediction.error`)."""
-        pred = _decode(source, name)
-        if pred.error is None:
-            probs, cams = self.score_arrays(resize_for_model(pred.image.pixels)[None], with_cam=with_cam)
-            self._fill(pred, float(probs[0]), cams[0] if cams is not None else None)
-        return pred
+        return next(self.score_many([(source, name)], with_cam=with_cam))
 
     def score_many(
         self,
@@ -148,11 +204,11 @@ class Predictor:
     ) -> Iterator[Prediction]:
         """Score (source, name) pairs in batches; yields one Prediction per input, in input order.
 
-        Files are decoded in worker threads and batched by a tf.data pipeline that prefetches the
-        next batch while the model runs on the current one. Inputs that fit in one batch (the app's
-        usual upload) skip the pipeline: there is no next batch to prefetch, and its set-up (about
-        35 ms) costs more than scoring one image. Unreadable inputs are yielded with `error` set. `progress(n)` is called
-        after each batch with the number of inputs done.
+        Files are decoded and preprocessed in worker threads and batched by a tf.data pipeline that
+        prefetches the next batch while the model runs on the current one. Inputs that fit in one batch
+        (the app's usual upload) skip the pipeline: there is no next batch to prefetch, and its set-up
+        (about 35 ms) costs more than scoring one image. Unreadable inputs are yielded with `error` set.
+        `progress(n)` is called after each batch with the number of inputs done.
         """
         items = list(items)
         if not items:
@@ -166,10 +222,10 @@ class Predictor:
 
         def decoded() -> Iterator[tuple[int, np.ndarray]]:
             with ThreadPoolExecutor(max_workers=2) as pool:
-                for i, pred in enumerate(pool.map(lambda it: _decode(*it), items)):
+                for i, pred in enumerate(pool.map(lambda it: self._load(*it), items)):
                     preds[i] = pred
                     if pred.error is None:
-                        yield i, resize_for_model(pred.image.pixels)
+                        yield i, pred.model_input
 
         ds = tf.data.Dataset.from_generator(
             decoded,
@@ -177,9 +233,7 @@ class Predictor:
         ).batch(batch_size).prefetch(1)
         emitted = 0
         for index, images in ds.as_numpy_iterator():
-            probs, cams = self.score_arrays(images, with_cam=with_cam)
-            for j, i in enumerate(index):
-                self._fill(preds[i], float(probs[j]), cams[j] if cams is not None else None)
+            self._fill_batch([preds[i] for i in index], images, with_cam)
             # everything decoded up to the last scored index (including failures) is final
             ready = int(index[-1]) + 1
             while emitted < ready:
@@ -193,35 +247,71 @@ class Predictor:
         if progress:
             progress(emitted)
 
+    def _load(self, source: Source, name: str | None) -> Prediction:
+        """Decode and preprocess one input (in a worker thread); errors end up in `Prediction.error`."""
+        pred = _decode(source, name)
+        if pred.error is None:
+            pixels = pred.image.pixels
+            prepared = prepare(pixels)  # its checks and outline serve every model
+            pred.warnings.extend(input_warnings(pixels, prepared))
+            pred.outline = prepared.outline
+            if self.preprocessing == LEGACY:
+                pred.model_input = resize_for_model(pixels)
+            elif self.preprocessing == PREPROCESSING_ID:
+                pred.model_input, pred.geometry = prepared.pixels, prepared.geometry
+            else:
+                other = prepare(pixels, aspect="stretch")
+                pred.model_input, pred.geometry = other.pixels, other.geometry
+        return pred
+
     def _score_one_batch(self, items: list[tuple[Source, str | None]], *, with_cam: bool, keep_images: bool,
                          progress: Callable[[int], None] | None) -> Iterator[Prediction]:
         if len(items) == 1:
-            preds = [_decode(*items[0])]
+            preds = [self._load(*items[0])]
         else:
             with ThreadPoolExecutor(max_workers=2) as pool:  # as in the pipeline: PIL and pydicom release the GIL
-                preds = list(pool.map(lambda item: _decode(*item), items))
-        good = [i for i, pred in enumerate(preds) if pred.error is None]
+                preds = list(pool.map(lambda item: self._load(*item), items))
+        good = [pred for pred in preds if pred.error is None]
         if good:
-            probs, cams = self.score_arrays(np.stack([resize_for_model(preds[i].image.pixels) for i in good]),
-                                            with_cam=with_cam)
-            for j, i in enumerate(good):
-                self._fill(preds[i], float(probs[j]), cams[j] if cams is not None else None)
+            self._fill_batch(good, np.stack([pred.model_input for pred in good]), with_cam)
         if progress:
             progress(len(preds))
         for pred in preds:
             yield self._strip(pred, keep_images)
 
-    def _fill(self, pred: Prediction, probability: float, heatmap: np.ndarray | None) -> None:
-        pred.probability = probability
-        pred.threshold = self.threshold
-        pred.label = self.decision(probability)
-        pred.heatmap = heatmap
+    def _fill_batch(self, preds: list[Prediction], images: np.ndarray, with_cam: bool) -> None:
+        out = self.score_batch(images, with_cam=with_cam)
+        for j, pred in enumerate(preds):
+            probability = float(out["probability"][j])
+            pred.probability = probability
+            pred.threshold = self.threshold
+            pred.label = self.decision(probability)
+            pred.heatmap = out["heatmap"][j] if out["heatmap"] is not None else None
+            if out["interval"] is not None:
+                pred.probability_interval = (float(out["interval"][j, 0]), float(out["interval"][j, 1]))
+            if out["ood"] is not None:
+                pred.ood_score = float(out["ood"][j])
+                if self.ood_threshold is not None and pred.ood_score > self.ood_threshold:
+                    pred.warnings.append(OOD_WARNING)
+            pred.in_distribution = not pred.warnings
 
     @staticmethod
     def _strip(pred: Prediction, keep_images: bool) -> Prediction:
         if not keep_images:
             pred.image = None
         return pred
+
+
+#: Shown when the network's own features place an input far from every training image.
+OOD_WARNING = ("This image looks unlike the mammograms the model was trained on (its features are far from "
+               "the training images'); the score may be meaningless.")
+
+
+def input_warnings(pixels: np.ndarray, prepared: Any) -> list[str]:
+    """Cheap checks on a decoded image, as sentences a person can read (empty when nothing is wrong)."""
+    if int(pixels.max()) - int(pixels.min()) < 8 or float(pixels.std()) < 2.0:
+        return ["The image is almost uniform (all black, all white or one grey); it is not a mammogram."]
+    return list(prepared.warnings)
 
 
 def _decode(source: Source, name: str | None) -> Prediction:

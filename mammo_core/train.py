@@ -32,6 +32,8 @@ from .config import (CLASS_NAMES, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_SE
                      IMAGE_SIZE, weights_dir)
 from .errors import DatasetError, MammoError, TrainingBusyError
 from .evaluate import compute_metrics
+from .preprocessing import CARD_KEY as INPUT_PIPELINE_KEY
+from .preprocessing import DESCRIPTIONS as PREPROCESSING_TEXT
 from .registry import (CARD_FILE, HISTORY_FILE, MODEL_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE,
                        atomic_write_text, record_model, sha256_file, write_card)
 
@@ -72,6 +74,21 @@ class TrainConfig:
     #: paper-cnn only: "auto", "float32" or "mixed_bfloat16" (`fast_training`); other architectures train in float32
     precision: str = "auto"
     max_steps_per_epoch: int | None = None  # for smoke tests; None trains on every batch
+    #: `preprocessing.PREPROCESSINGS`; None: the paper's whole-frame resize for the paper protocol (it
+    #: reproduces the paper), the breast crop (`preprocessing.PREPROCESSING_ID`) otherwise
+    preprocessing: str | None = None
+    #: efficientnet-lite0-ft only: folds of the cross-validation whose fold models form the ensemble, and
+    #: fields of `finetune.Recipe` that differ from its defaults
+    folds: int = 5
+    recipe: dict[str, Any] | None = None
+
+    @property
+    def input_pipeline(self) -> str:
+        from .preprocessing import LEGACY, PREPROCESSING_ID
+
+        if self.preprocessing is not None:
+            return self.preprocessing
+        return LEGACY if self.protocol == "paper" else PREPROCESSING_ID
 
     def validate(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -90,6 +107,10 @@ class TrainConfig:
         from .fast_training import check_precision
 
         check_precision(self.precision)
+        from .preprocessing import PREPROCESSINGS
+
+        if self.input_pipeline not in PREPROCESSINGS:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSINGS}, got {self.preprocessing!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         from .model import get_architecture
@@ -308,7 +329,8 @@ def _fit_on_images(config: TrainConfig, arch, parts: dict[str, pd.DataFrame], ou
 
     log(f"decoding {sum(len(p) for p in parts.values())} images from {config.data_dir} ...")
     t0 = time.time()
-    images = {s: data_mod.load_images(part["path"].tolist()) for s, part in parts.items()}
+    images = {s: data_mod.load_images(part["path"].tolist(), preprocessing=config.input_pipeline)
+              for s, part in parts.items()}
     log(f"decoded in {time.time() - t0:.1f} s; train {len(parts['train'])}, val {len(parts['val'])}, test {len(parts['test'])}")
 
     keras.utils.set_random_seed(config.seed)
@@ -351,7 +373,8 @@ def _fit_feature_head(config: TrainConfig, frame: pd.DataFrame, parts: dict[str,
     from . import features
     from .model import build_model
 
-    full = features.cached_features(frame["path"].tolist(), architecture=config.architecture, log=log)
+    full = features.cached_features(frame["path"].tolist(), architecture=config.architecture,
+                                    preprocessing=config.input_pipeline, log=log)
     row = pd.Series(np.arange(len(frame)), index=[os.path.abspath(p) for p in frame["path"]])
     feats = {s: full[row[[os.path.abspath(p) for p in part["path"]]].to_numpy()] for s, part in parts.items()}
     labels = {s: part["label"].to_numpy() for s, part in parts.items()}
@@ -368,7 +391,8 @@ def _fit_feature_head(config: TrainConfig, frame: pd.DataFrame, parts: dict[str,
     model = build_model(config.architecture, channels=config.channels, compile=False)  # no optimizer in the saved file
     features.set_head(model, fit["kernel"], fit["bias"])
     probs = {s: features.head_probabilities(feats[s], fit["kernel"], fit["bias"]) for s in ("val", "test")}
-    seconds = features.extraction_seconds(frame["path"].tolist(), architecture=config.architecture)
+    seconds = features.extraction_seconds(frame["path"].tolist(), architecture=config.architecture,
+                                          preprocessing=config.input_pipeline)
     card_training = {
         "strategy": "frozen ImageNet backbone; Dense(1) head trained on cached pooled features",
         "head": {"l2": fit["l2"], "dropout": features.HEAD_DROPOUT, "best_epoch": fit["best_epoch"],
@@ -384,6 +408,13 @@ def _train_into(config: TrainConfig, out: Path, root: Path, progress_path: Path 
                 on_progress: Callable[[dict], None] | None, log: Callable[[str], None]) -> dict[str, Any]:
     from .model import get_architecture
 
+    if get_architecture(config.architecture).strategy == "finetune":
+        from .calibration import dumps
+        from .ensemble import train_ensemble_into
+
+        card = json.loads(dumps(train_ensemble_into(config, out, log)))
+        write_card(out, card)
+        return card
     data_root = Path(config.data_dir)
     frame = data_mod.scan_dataset(data_root, patient_map=config.patient_map)
     frame = data_mod.assign_split(frame, protocol=config.protocol, seed=config.seed, group_by=config.group_by)
@@ -414,7 +445,8 @@ def _train_into(config: TrainConfig, out: Path, root: Path, progress_path: Path 
         "architecture_description": arch.description,
         "parameters": int(model.count_params()),
         "input_shape": [IMAGE_SIZE, IMAGE_SIZE, config.channels],
-        "preprocessing": "grayscale, 8-bit, resized to 224x224 without keeping aspect (mammo_core.imaging), scaled to [0, 1]",
+        "preprocessing": PREPROCESSING_TEXT[config.input_pipeline],
+        INPUT_PIPELINE_KEY: config.input_pipeline,
         "class_names": list(CLASS_NAMES),
         "dataset": {"path": str(data_root), **data_mod.fingerprint(frame, data_root),
                     "patient_map": config.patient_map},

@@ -1,0 +1,25 @@
+"""Recipe selection (python experiments/select_recipe.py [NAMES...]) on the validation parts of grouped 5-fold CV (test folds never scored)."""
+import os, json, sys, time
+os.environ["TF_CPP_MIN_LOG_LEVEL"]="2"
+from mammo_core.cv import CVConfig, run_cv
+from mammo_core.finetune import Recipe
+DATA="/work/shared/data/augmented-inbreast"
+configs = [
+ ("A-pad", "breast-crop-v1", Recipe()),
+ ("B-lr3e-4", "breast-crop-v1", Recipe(learning_rate=3e-4)),
+ ("C-block7a", "breast-crop-v1", Recipe(cut="block7a")),
+ ("A-stretch", "breast-crop-stretch-v1", Recipe()),
+ ("A-legacy", "resize", Recipe()),
+]
+only = sys.argv[1:] 
+for name, prep, recipe in configs:
+    if only and name not in only: continue
+    t0=time.time()
+    cfg = CVConfig(data_dir=DATA, architecture="efficientnet-lite0-ft", k=5, group_by="source", preprocessing=prep, recipe=recipe, inner_only=True)
+    res, _ = run_cv(cfg)
+    row = {"name": name, "preprocessing": prep, "recipe": res["training"]["recipe"], "group_by": "source",
+           "fold_val_auc": [round(r["val_auc"],4) for r in res["folds"]], "best_epochs": [r["best_epoch"] for r in res["folds"]],
+           "mean_validation_auc": round(res["mean_validation_auc"],4), "minutes": round((time.time()-t0)/60,1),
+           "extraction_img_s": res["training"]["feature_extraction_images_per_second"]}
+    print("RESULT", json.dumps(row), flush=True)
+    with open("experiments/selection.jsonl","a") as fh: fh.write(json.dumps(row)+"\n")

@@ -1,0 +1,169 @@
+"""The fine-tuned ensemble (`efficientnet-lite0-ft`): scoring it, and training it into a model directory.
+
+Training is grouped k-fold cross-validation with `finetune.fit_member` (via `cv.run_folds`): each fold's
+member is trained on the other folds (minus a validation part that picks its epoch and temperature) and
+scored on its own fold, so the out-of-fold predictions are honest estimates of the recipe, and the k
+members together are the shipped model. Its probability is the mean of the members' calibrated
+probabilities; the interval is their range (lowest to highest member): how much models trained on
+different 80 % of the source images disagree, not a confidence interval for the patient. Grad-CAM is
+taken for the mean of the members' logits, on the trunk's 14x14 output that all members share.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from .config import CLASS_NAMES, DEFAULT_THRESHOLD, IMAGE_SIZE
+
+#: Fraction of the held-out fold's images that the out-of-distribution threshold lets through.
+OOD_PASS_RATE = 0.99
+INTERVAL_TEXT = ("range of the ensemble members' calibrated probabilities (each member trained on different "
+                 "source images): how much the members disagree, not a confidence interval")
+
+
+class EnsembleScorer:
+    """One compiled call on (N, 224, 224) uint8 inputs: members' calibrated probabilities (N, k), squared
+    Mahalanobis distances (N,), and (optionally) Grad-CAM of the mean logit (N, 224, 224)."""
+
+    def __init__(self, model: Any, card: dict[str, Any]) -> None:
+        import tensorflow as tf
+
+        from .finetune import MEMBERS_NAME, OOD_LAYER, TRUNK_NAME
+
+        self.trunk = model.get_layer(TRUNK_NAME)
+        self.members = model.get_layer(MEMBERS_NAME)
+        self.pool = model.get_layer("ood_pool")
+        self.whiten = model.get_layer(OOD_LAYER)
+        k = int(self.members.output.shape[-1])
+        temps = (card.get("ensemble") or {}).get("temperatures") or [1.0] * k
+        if len(temps) != k:
+            from .errors import ModelDirError
+
+            raise ModelDirError(f"model card lists {len(temps)} member temperatures for {k} members; retrain the model.")
+        self.temperatures = np.asarray(temps, dtype=np.float64)
+        spec = [tf.TensorSpec((None, IMAGE_SIZE, IMAGE_SIZE, 1), tf.float32)]
+        self._plain = tf.function(self._forward, input_signature=spec)
+        self._with_cam = tf.function(self._forward_cam, input_signature=spec)
+
+    def _ood(self, features):
+        import tensorflow as tf
+
+        return tf.reduce_sum(tf.square(self.whiten(self.pool(features))), axis=-1)
+
+    def _forward(self, images):
+        features = self.trunk(images, training=False)
+        return self.members(features, training=False), self._ood(features)
+
+    def _forward_cam(self, images):
+        import tensorflow as tf
+
+        from .explain import cam_from_gradients
+
+        features = self.trunk(images, training=False)
+        with tf.GradientTape() as tape:
+            tape.watch(features)
+            logits = self.members(features, training=False)
+            total = tf.reduce_sum(tf.reduce_mean(logits, axis=-1))  # each image depends only on itself
+        grads = tape.gradient(total, features)
+        return logits, self._ood(features), cam_from_gradients(features, grads, (IMAGE_SIZE, IMAGE_SIZE))
+
+    def __call__(self, images: np.ndarray, *, with_cam: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        from scipy.special import expit
+
+        batch = np.asarray(images, dtype=np.float32)[..., None] / 255.0
+        if with_cam:
+            logits, ood, cams = self._with_cam(batch)
+            cams = cams.numpy()
+        else:
+            (logits, ood), cams = self._plain(batch), None
+        logits = np.asarray(logits, dtype=np.float64).reshape(len(batch), -1)
+        return expit(logits / self.temperatures), ood.numpy().astype(np.float64), cams
+
+
+def train_ensemble_into(config: Any, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Cross-validate the fine-tuning recipe and write the ensemble of its fold members into `out`
+    (model.keras, test_predictions.csv = out-of-fold predictions, history.csv); returns the card."""
+    from . import data as data_mod
+    from . import finetune
+    from .calibration import choose_thresholds
+    from .cv import CVConfig, FineTuneTrainer, run_folds
+    from .evaluate import compute_metrics
+    from .model import get_architecture
+    from .preprocessing import CARD_KEY, DESCRIPTIONS
+    from .registry import HISTORY_FILE, MODEL_FILE, PREDICTIONS_FILE, sha256_file
+
+    data_root = Path(config.data_dir)
+    frame = data_mod.scan_dataset(data_root, patient_map=config.patient_map).reset_index(drop=True)
+    recipe = finetune.Recipe(**{**finetune.recipe_dict(finetune.Recipe()), **(config.recipe or {})})
+    cv_config = CVConfig(data_dir=str(data_root), architecture=config.architecture, k=config.folds,
+                         group_by=config.group_by, patient_map=config.patient_map, seed=config.seed,
+                         preprocessing=config.input_pipeline, recipe=recipe)
+    cv_config.validate()
+    trainer = FineTuneTrainer(frame, cv_config, log)
+    results, oof = run_folds(cv_config, frame, trainer, log=log)
+    temperatures = [float(row["temperature"]) for row in results["folds"]]
+
+    # out-of-distribution: Gaussian of the pooled trunk features of the other folds; threshold on fold 0
+    pooled = finetune.pooled_activations(trainer.activations)
+    held_out = oof["fold"].to_numpy() == 0
+    whiten = finetune.fit_ood(pooled[~held_out])
+    distances = np.sum(np.square(pooled[held_out] @ whiten[0] + whiten[1]), axis=1)
+    threshold = float(np.quantile(distances, OOD_PASS_RATE))
+
+    model = finetune.build_ensemble(trainer.members, recipe.cut, whiten)
+    model.save(out / MODEL_FILE)
+    table = pd.DataFrame({"path": [os.path.relpath(p, data_root) for p in oof["path"]], "group": oof["group"],
+                          "patient": oof["patient"], "label": oof["label"], "fold": oof["fold"],
+                          "probability": oof["probability"]})
+    table.to_csv(out / PREDICTIONS_FILE, index=False)
+    pd.DataFrame(results["folds"]).to_csv(out / HISTORY_FILE, index=False)
+    metrics = compute_metrics(table["label"], table["probability"], threshold=DEFAULT_THRESHOLD)
+    points = choose_thresholds(table["label"], table["probability"])
+    arch = get_architecture(config.architecture)
+    unit = "source image" if config.group_by == "source" else "patient"
+    card: dict[str, Any] = {
+        "name": config.name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "architecture": config.architecture,
+        "architecture_description": arch.description,
+        "parameters": int(model.count_params()),
+        "input_shape": [IMAGE_SIZE, IMAGE_SIZE, 1],
+        "preprocessing": DESCRIPTIONS[config.input_pipeline],
+        CARD_KEY: config.input_pipeline,
+        "class_names": list(CLASS_NAMES),
+        "dataset": {"path": str(data_root), **data_mod.fingerprint(frame, data_root), "patient_map": config.patient_map},
+        "split": {"protocol": "cross-validation", "group_by": config.group_by, "seed": config.seed, "k": config.folds},
+        "training": {**results["training"], "seed": config.seed},
+        "ensemble": {"members": len(trainer.members), "temperatures": temperatures,
+                     "probability": "mean of the members' temperature-calibrated probabilities",
+                     "interval": INTERVAL_TEXT, "gradcam": "Grad-CAM of the mean of the members' logits, on the "
+                     "shared trunk output (14x14)"},
+        "ood": {"feature": f"global average of the trunk output ({finetune.CUTS[recipe.cut]}, "
+                           f"{pooled.shape[1]} channels)",
+                "distance": "squared Mahalanobis distance, Ledoit-Wolf covariance (model output 'ood_whiten')",
+                "fitted_on": f"{int((~held_out).sum())} images of folds 1-{config.folds - 1}",
+                "threshold": threshold,
+                "threshold_rule": f"{OOD_PASS_RATE:.0%} of the {int(held_out.sum())} images of held-out fold 0 pass"},
+        "cam_layer": finetune.TRUNK_NAME,
+        "threshold": DEFAULT_THRESHOLD,
+        "operating_points": {"computed_on": "out-of-fold predictions (each image scored by the member that did not "
+                                            "train on it)", **points},
+        "evaluation": {"protocol": "cross-validation",
+                       "note": f"Out-of-fold: every image was scored by the ensemble member that never saw its "
+                               f"{unit}; the shipped ensemble averages all members, so these numbers describe "
+                               f"the recipe, one member at a time."},
+        "metrics": {"test": metrics},
+        "cross_validation" if config.group_by == "source" else "cross_validation_patient":
+            {k: v for k, v in results.items() if k != "config"},
+        "config": {k: v for k, v in vars(config).items()},
+    }
+    card["model_sha256"] = sha256_file(out / MODEL_FILE)
+    log(f"out-of-fold: AUC {metrics['auc']:.4f}, accuracy {metrics['accuracy']:.4f}; OOD threshold {threshold:.1f}")
+    return card

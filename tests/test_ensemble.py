@@ -1,0 +1,135 @@
+"""The fine-tuned ensemble: one fit path for CV and training, the ensemble model directory, scoring with
+an interval, Grad-CAM of the mean logit, and the out-of-distribution distance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mammo_core import finetune
+from mammo_core.predict import OOD_WARNING, Predictor
+from mammo_core.registry import read_card, verify_model_dir
+from mammo_core.train import TrainConfig, train
+
+TINY_RECIPE = {"max_epochs": 2, "copies_per_source": 2, "val_copies_per_source": 2, "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(tmp_path_factory, tiny_dataset):
+    import os
+
+    os.environ.setdefault("MAMMO_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    root = tmp_path_factory.mktemp("ens-weights")
+    config = TrainConfig(data_dir=str(tiny_dataset), name="tiny-ft", architecture="efficientnet-lite0-ft",
+                         folds=2, recipe=TINY_RECIPE)
+    return train(config, root=root, log=lambda m: None)
+
+
+def test_ensemble_directory_and_card(ensemble_dir, tiny_dataset):
+    card = verify_model_dir(ensemble_dir)
+    assert card["architecture"] == "efficientnet-lite0-ft"
+    assert card["input_pipeline"] == "breast-crop-v1"
+    assert card["ensemble"]["members"] == 2 and len(card["ensemble"]["temperatures"]) == 2
+    assert card["ood"]["threshold"] > 0
+    cv = card["cross_validation"]
+    assert len(cv["folds"]) == 2 and 0.0 <= cv["pooled"]["auc"] <= 1.0
+    assert cv["training"]["recipe"]["max_epochs"] == 2
+    # strict JSON (no NaN), readable back
+    json.loads((ensemble_dir / "card.json").read_text())
+    import pandas as pd
+
+    oof = pd.read_csv(ensemble_dir / "test_predictions.csv")
+    assert set(oof["fold"]) == {0, 1} and oof["probability"].between(0, 1).all()
+
+
+def test_ensemble_scores_with_interval_and_cam(ensemble_dir, sample_png):
+    predictor = Predictor.load(ensemble_dir)
+    assert predictor.ensemble is not None
+    pred = predictor.score_one(sample_png, name="x.png", with_cam=True)
+    assert pred.error is None
+    low, high = pred.probability_interval
+    assert low <= pred.probability <= high
+    assert pred.heatmap.shape == (224, 224) and 0 <= pred.heatmap.min() and pred.heatmap.max() <= 1
+    assert pred.ood_score is not None and pred.ood_score >= 0
+    line = pred.to_json(predictor.name)
+    assert line["probability_interval"] == [round(low, 6), round(high, 6)]
+    assert isinstance(line["in_distribution"], bool) and isinstance(line["warnings"], list)
+    # scoring without Grad-CAM gives the same probabilities
+    plain = predictor.score_one(sample_png, name="x.png", with_cam=False)
+    assert abs(plain.probability - pred.probability) < 1e-5 and plain.heatmap is None
+
+
+def test_ensemble_probability_is_mean_of_calibrated_members(ensemble_dir):
+    from scipy.special import expit
+
+    predictor = Predictor.load(ensemble_dir)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (3, 224, 224), dtype=np.uint8)
+    out = predictor.score_batch(images, with_cam=False)
+    logits, _ = predictor.model.predict(images.astype(np.float32)[..., None] / 255.0, verbose=0)
+    members = expit(logits / np.asarray(predictor.card["ensemble"]["temperatures"]))
+    np.testing.assert_allclose(out["probability"], members.mean(axis=1), atol=1e-5)
+    np.testing.assert_allclose(out["interval"][:, 0], members.min(axis=1), atol=1e-5)
+
+
+def test_ensemble_gradcam_matches_reference(ensemble_dir):
+    """Grad-CAM of the mean logit, recomputed independently with a plain GradientTape."""
+    import tensorflow as tf
+
+    predictor = Predictor.load(ensemble_dir)
+    rng = np.random.default_rng(1)
+    images = rng.integers(30, 220, (2, 224, 224), dtype=np.uint8)
+    cams = predictor.score_batch(images, with_cam=True)["heatmap"]
+    x = tf.constant(images.astype(np.float32)[..., None] / 255.0)
+    trunk, members = predictor.model.get_layer("trunk"), predictor.model.get_layer("members")
+    feats = trunk(x)
+    with tf.GradientTape() as tape:
+        tape.watch(feats)
+        mean = tf.reduce_mean(members(feats), axis=-1)
+    grads = tape.gradient(mean, feats).numpy()
+    w = grads.mean(axis=(1, 2))
+    raw = np.maximum((feats.numpy() * w[:, None, None, :]).sum(-1), 0)
+    for i in range(2):
+        ref = raw[i] / (raw[i].max() + 1e-8)
+        small = tf.image.resize(cams[i][..., None], (14, 14), method="area").numpy()[..., 0]
+        assert np.corrcoef(ref.ravel(), small.ravel())[0, 1] > 0.95
+
+
+def test_ood_flags_what_is_far_from_training(ensemble_dir):
+    predictor = Predictor.load(ensemble_dir)
+    predictor.ood_threshold = 0.0  # everything is "far": the warning must appear
+    pred = predictor.score_one(_noise_png(), name="n.png", with_cam=False)
+    assert OOD_WARNING in pred.warnings and pred.in_distribution is False
+    predictor.ood_threshold = float("inf")
+    pred = predictor.score_one(_noise_png(), name="n.png", with_cam=False)
+    assert OOD_WARNING not in pred.warnings
+
+
+def test_fit_ood_is_mahalanobis():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 4)) @ np.diag([1, 2, 3, 4])
+    w, b = finetune.fit_ood(x)
+    d = np.sum((x @ w + b) ** 2, axis=1)
+    from sklearn.covariance import LedoitWolf
+
+    lw = LedoitWolf().fit(x)
+    np.testing.assert_allclose(d, lw.mahalanobis(x), rtol=1e-4)
+
+
+def test_recipe_validation():
+    with pytest.raises(ValueError, match="cut"):
+        finetune.Recipe(cut="block9z").validate()
+    with pytest.raises(ValueError, match="copies_per_source"):
+        finetune.Recipe(copies_per_source=0).validate()
+
+
+def _noise_png() -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    buf = BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (300, 300), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
