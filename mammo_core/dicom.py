@@ -15,6 +15,10 @@ For 8- and 16-bit data the pipeline is computed once per possible stored value (
 values) and then applied to the image as one lookup, so a 4000x3000 16-bit mammogram costs one
 array index after decompression.
 
+Bounded memory: an image whose longer side exceeds `imaging.MAX_DECODE_SIDE` is block-averaged by
+an integer factor straight after decompression (`downsample`), before the LUTs and everything
+else, so later steps never hold more than 4096 x 4096 values.
+
 Compressed transfer syntaxes are decoded by pydicom's plugins (RLE natively; JPEG baseline,
 JPEG lossless, JPEG-LS and JPEG 2000 through pylibjpeg). pydicom is imported only when a DICOM
 file arrives. The returned metadata never holds patient, study or institution identifiers:
@@ -29,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ImageReadError
-from .imaging import LoadedImage, _check_size, scale_to_uint8, to_uint8
+from .imaging import LoadedImage, _check_size, reduction_factor, scale_to_uint8, to_uint8
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -72,8 +76,40 @@ def decode_dicom(data: bytes, label: str) -> LoadedImage:
 
     syntax = _check_header(ds, label)
     stored = _decode_pixels(ds, syntax, label)
+    factor = reduction_factor(stored.shape[1], stored.shape[0])
+    if factor > 1:
+        stored = downsample(stored, factor)
     pixels, voi = _display(stored, ds, label)
-    return LoadedImage(pixels=np.ascontiguousarray(pixels), metadata=_metadata(ds, syntax, voi))
+    metadata = _metadata(ds, syntax, voi)
+    if factor > 1:
+        metadata.update(reduced_width=int(pixels.shape[1]), reduced_height=int(pixels.shape[0]), reduced_by=factor,
+                        reduced_how="block mean after decode")
+    return LoadedImage(pixels=np.ascontiguousarray(pixels), metadata=metadata)
+
+
+def downsample(stored: np.ndarray, factor: int, block_rows: int = 64) -> np.ndarray:
+    """Average `factor` x `factor` blocks of stored values, keeping the dtype (rounded), a few
+    rows at a time so the float temporaries stay small. Edge rows/columns that do not fill a
+    block are averaged over what there is. Works for (H, W) and (H, W, samples) arrays.
+
+    Why by hand: skimage's `downscale_local_mean` would make a float64 copy of the whole image.
+    """
+    h, w = stored.shape[:2]
+    oh, ow = -(-h // factor), -(-w // factor)
+    out = np.empty((oh, ow, *stored.shape[2:]), dtype=stored.dtype)
+    pad_w = ow * factor - w
+    for top in range(0, oh, block_rows):
+        rows = stored[top * factor:min(h, (top + block_rows) * factor)].astype(np.float32)
+        n_out = -(-rows.shape[0] // factor)
+        pad_h = n_out * factor - rows.shape[0]
+        if pad_h or pad_w:  # edge blocks: repeat the last row/column so they average what is there
+            rows = np.pad(rows, ((0, pad_h), (0, pad_w)) + ((0, 0),) * (rows.ndim - 2), mode="edge")
+        blocks = rows.reshape(n_out, factor, ow, factor, *rows.shape[2:]).mean(axis=(1, 3))
+        if np.issubdtype(stored.dtype, np.integer):
+            info = np.iinfo(stored.dtype)
+            blocks = np.clip(np.rint(blocks), info.min, info.max)
+        out[top:top + n_out] = blocks.astype(stored.dtype)
+    return out
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:
