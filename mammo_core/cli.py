@@ -45,7 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         data_dir=str(dataset), name=args.name, architecture=args.arch, protocol=args.protocol,
         group_by=args.group_by, patient_map=patient_map, epochs=args.epochs, batch_size=args.batch_size,
         seed=args.seed, channels=args.channels, learning_rate=args.learning_rate, precision=args.precision,
-        max_steps_per_epoch=args.max_steps,
+        max_steps_per_epoch=args.max_steps, preprocessing=args.preprocessing, folds=args.folds,
+        recipe=_recipe_overrides(args.recipe),
     )
     try:
         model_dir = train(config, root=args.weights, progress_path=args.progress_file,
@@ -62,6 +63,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         cal = calibrate_model_dir(model_dir)["calibration"]
         print(f"calibrated: temperature {cal['temperature']:.4f} (fitted on the validation split)", file=sys.stderr)
     return EXIT_OK
+
+
+def _recipe_overrides(pairs: Sequence[str] | None) -> dict | None:
+    """KEY=VALUE pairs for `finetune.Recipe`, typed like its fields; ValueError names a bad pair."""
+    if not pairs:
+        return None
+    from dataclasses import fields
+
+    from .finetune import Recipe
+
+    types = {f.name: type(getattr(Recipe(), f.name)) for f in fields(Recipe)}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in types:
+            raise ValueError(f"--recipe {pair!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+        try:
+            out[key] = types[key](value)
+        except ValueError:
+            raise ValueError(f"--recipe {pair!r}: {value!r} is not a valid {types[key].__name__}") from None
+    return out
 
 
 def _patient_map_for(dataset: Path, group_by: str, given: str | None) -> str | None:
@@ -94,13 +116,22 @@ def cmd_cv(args: argparse.Namespace) -> int:
             patient_map=_patient_map_for(Path(dataset), args.group_by, args.patient_map), seed=args.seed,
             epochs=args.epochs, batch_size=args.batch_size, copies_per_source=args.copies_per_source,
             val_copies_per_source=args.val_copies_per_source, n_boot=args.n_boot, precision=args.precision,
+            preprocessing=args.preprocessing, inner_only=args.inner_only,
         )
+        if args.recipe:
+            from .finetune import Recipe
+
+            config.recipe = Recipe(**_recipe_overrides(args.recipe))
         results, oof = run_cv(config, log=lambda m: print(m, file=sys.stderr, flush=True))
         out = args.out or Path("cv-results") / f"{args.arch}-{args.group_by}-k{args.k}-seed{args.seed}"
         json_path, csv_path = write_results(results, oof, out)
         print(f"results: {json_path}\nout-of-fold predictions: {csv_path}", file=sys.stderr)
     if args.json:
         print(json.dumps(results))
+    elif "pooled" not in results:  # --inner-only: validation parts only
+        per_fold = ", ".join(f"{r['val_auc']:.3f}" for r in results["folds"])
+        print(f"{results['architecture']}: {results['protocol']}: mean validation AUC "
+              f"{results['mean_validation_auc']:.3f} (folds: {per_fold})")
     else:
         _print_cv(results)
     if card_dir is not None:
@@ -222,7 +253,7 @@ def _rescore_split(model_dir: Path, card: dict, dataset: Path, split: str):
                                   group_by=cfg.get("group_by", "source"))
     part = frame[frame["split"] == split].reset_index(drop=True)
     predictor = Predictor.load(model_dir)
-    images = data_mod.load_images(part["path"].tolist())
+    images = data_mod.load_images(part["path"].tolist(), preprocessing=predictor.preprocessing)
     probs, _ = predictor.score_arrays(images, with_cam=False)
     return pd.DataFrame({"label": part["label"], "probability": probs})
 
@@ -237,8 +268,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return EXIT_REJECTED
     predictor = Predictor.load(args.model, root=args.weights)
     outdir = Path(args.gradcam) if args.gradcam else None
-    if outdir is not None:
-        outdir.mkdir(parents=True, exist_ok=True)
+    inputs_dir = Path(args.save_inputs) if args.save_inputs else None
+    for folder in (outdir, inputs_dir):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
     rejected = 0
     bar = None
     if not args.no_progress and len(paths) > 1 and sys.stderr.isatty():
@@ -256,14 +289,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, progress=progress):
         if pred.error is not None:
             rejected += 1
-        elif outdir is not None:
-            _save_overlay(pred, outdir)
+        else:
+            if outdir is not None:
+                _save_overlay(pred, outdir)
+            if inputs_dir is not None:
+                _save_input(pred, inputs_dir)
         if args.json:
             print(json.dumps(pred.to_json(predictor.name)), flush=True)
         elif pred.error is not None:
             print(f"{pred.name}\terror: {pred.error}", flush=True)
         else:
-            print(f"{pred.name}\t{pred.probability:.4f}\t{pred.label}", flush=True)
+            interval = (f"\t[{pred.probability_interval[0]:.4f}, {pred.probability_interval[1]:.4f}]"
+                        if pred.probability_interval else "")
+            flags = "".join(f"\twarning: {w}" for w in pred.warnings)
+            print(f"{pred.name}\t{pred.probability:.4f}{interval}\t{pred.label}{flags}", flush=True)
     if bar is not None:
         bar.close()
     return EXIT_REJECTED if rejected else EXIT_OK
@@ -275,12 +314,27 @@ def _save_overlay(pred, outdir: Path) -> None:
     from .explain import overlay
 
     target = outdir / (Path(pred.name).stem + "_gradcam.png")
-    Image.fromarray(overlay(pred.image.pixels, pred.heatmap)).save(target)
+    Image.fromarray(overlay(pred.image.pixels, pred.heatmap_on_original())).save(target)
+
+
+def _save_input(pred, outdir: Path) -> None:
+    """The model's own view of the image (the preprocessed 224x224 input) as a PNG."""
+    from PIL import Image
+
+    Image.fromarray(pred.model_input).save(outdir / (Path(pred.name).stem + "_input.png"))
+
+
+RECIPE_HELP = ("efficientnet-lite0-ft: change a field of the fine-tuning recipe (repeatable), e.g. learning_rate=3e-4; "
+               "fields: cut, learning_rate, weight_decay, max_epochs, patience, copies_per_source, "
+               "val_copies_per_source, dropout, batch_size")
+PREPROCESSING_HELP = ("input pipeline (default: the paper's whole-frame resize with --protocol paper, the breast crop "
+                      "otherwise)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .data import GROUP_BY, PROTOCOLS
     from .model import ARCHITECTURES
+    from .preprocessing import PREPROCESSING_ID, PREPROCESSINGS
 
     parser = argparse.ArgumentParser(prog="python -m mammo_core",
                                      description="Mammogram benign/malignant CNN: train, evaluate, predict. A research tool, not a diagnostic device.")
@@ -301,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--max-steps", type=int, default=None, help="cap batches per epoch (smoke tests)")
+    p.add_argument("--preprocessing", default=None, choices=PREPROCESSINGS, help=PREPROCESSING_HELP)
+    p.add_argument("--folds", type=int, default=5, help="efficientnet-lite0-ft: cross-validation folds = ensemble members (default 5)")
+    p.add_argument("--recipe", action="append", metavar="KEY=VALUE", help=RECIPE_HELP)
     p.add_argument("--progress-file", type=Path, default=None, help="write live progress JSON here")
     p.add_argument("--calibrate", action="store_true", help="then fit temperature scaling and operating points on the validation split")
     p.set_defaults(func=cmd_train)
@@ -316,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--copies-per-source", type=int, default=None, help="image models: training copies kept per source image (default: all)")
     p.add_argument("--val-copies-per-source", type=int, default=8, help="image models: validation copies per source image (default 8)")
+    p.add_argument("--preprocessing", default=PREPROCESSING_ID, choices=PREPROCESSINGS, help=f"input pipeline (default {PREPROCESSING_ID})")
+    p.add_argument("--recipe", action="append", metavar="KEY=VALUE", help=RECIPE_HELP)
+    p.add_argument("--inner-only", action="store_true", help="recipe selection: score only the validation parts of the training folds, never the test folds")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the CIs (default 2000)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--out", type=Path, default=None, help="folder for cv_results.json and oof_predictions.csv (default: cv-results/<arch>-<group-by>-k<k>-seed<seed>)")
@@ -342,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="image files (PNG, JPEG, TIFF, BMP, DICOM) or folders")
     p.add_argument("--model", default=None, help="model name or directory (default: the active model)")
     p.add_argument("--gradcam", default=None, metavar="OUTDIR", help="write Grad-CAM overlays here")
+    p.add_argument("--save-inputs", default=None, metavar="OUTDIR", help="write each model input (the preprocessed 224x224 view) here as a PNG")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -133,3 +133,43 @@ def _noise_png() -> bytes:
     buf = BytesIO()
     Image.fromarray(np.random.default_rng(3).integers(0, 255, (300, 300), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_cli_predict_json_interval_and_saved_inputs(ensemble_dir, tmp_path, sample_png, capsys):
+    from PIL import Image
+
+    from mammo_core.cli import main
+
+    (tmp_path / "a.png").write_bytes(sample_png)
+    (tmp_path / "black.png").write_bytes(_png(np.zeros((300, 300), np.uint8)))
+    inputs = tmp_path / "inputs"
+    code = main(["predict", str(tmp_path / "a.png"), str(tmp_path / "black.png"), "--model", str(ensemble_dir),
+                 "--json", "--save-inputs", str(inputs)])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [len(line["probability_interval"]) for line in lines] == [2, 2]
+    black = next(line for line in lines if line["path"].endswith("black.png"))
+    assert black["in_distribution"] is False and any("uniform" in w for w in black["warnings"])
+    saved = Image.open(inputs / "a_input.png")
+    assert saved.size == (224, 224)
+
+
+def test_cli_recipe_overrides_are_checked(capsys):
+    from mammo_core.cli import _recipe_overrides
+
+    assert _recipe_overrides(["learning_rate=3e-4", "cut=block7a", "max_epochs=4"]) == {
+        "learning_rate": 3e-4, "cut": "block7a", "max_epochs": 4}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _recipe_overrides(["nonsense=1"])
+    with pytest.raises(ValueError, match="not a valid int"):
+        _recipe_overrides(["max_epochs=many"])
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    buf = BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
