@@ -44,6 +44,8 @@ MANIFEST_FILE = "MANIFEST.json"
 PINNED_MANIFEST: Path = REPO_ROOT / "weights" / MANIFEST_FILE
 #: Models trained here (written by the trainer) and models an admin confirmed, per weights folder.
 LOCAL_MANIFEST_FILE = ".manifest.json"
+PICK_ANOTHER = ("No other model is used in its place: pick one (the app's sidebar, or --model NAME; "
+                "`python -m mammo_core models` lists them).")
 TRUST_SHIPPED, TRUST_TRAINED, TRUST_CONFIRMED, TRUST_UNVERIFIED = "shipped", "trained here", "confirmed", "unverified"
 
 
@@ -282,7 +284,10 @@ def load_model(model_dir: str | Path):
     """Verify and load a model directory's Keras model (safe mode, not compiled). Returns (model, card)."""
     import keras
 
-    card = verify_model_dir(model_dir)
+    try:
+        card = verify_model_dir(model_dir)
+    except ModelDirError as exc:  # never replaced by another model: the user picks
+        raise ModelDirError(f"{exc} {PICK_ANOTHER}") from None
     custom_objects = None
     if card.get("architecture", "").startswith("efficientnet"):
         from . import efficientnet_lite  # registers its custom objects, if any
@@ -293,7 +298,8 @@ def load_model(model_dir: str | Path):
             Path(model_dir) / MODEL_FILE, compile=False, safe_mode=True, custom_objects=custom_objects
         )
     except Exception as exc:  # Keras raises many types for a damaged archive
-        raise ModelDirError(f"{model_dir}: {MODEL_FILE} could not be loaded ({type(exc).__name__}: {exc}).") from None
+        raise ModelDirError(f"{model_dir}: {MODEL_FILE} could not be loaded ({type(exc).__name__}: {exc}). "
+                            f"{PICK_ANOTHER}") from None
     return model, card
 
 

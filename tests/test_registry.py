@@ -124,3 +124,17 @@ def test_a_failed_runs_storage_error_reads_plainly():
     text = jobs._readable_error("[Errno 28] No space left on device: '/w/.tmp-x/model.keras'")
     assert text.startswith("/w/.tmp-x/model.keras: the disk is full")
     assert jobs._readable_error("some other failure") == "some other failure"
+
+
+def test_cli_predict_with_a_broken_active_model_says_so_and_asks_to_pick(tiny_weights_copy, tmp_path, sample_png, capsys):
+    from mammo_core import cli
+
+    target = tiny_weights_copy / "tiny-grouped" / registry.MODEL_FILE
+    target.write_bytes(target.read_bytes() + b"tampered")
+    image = tmp_path / "scan.png"
+    image.write_bytes(sample_png)
+    code = cli.main(["--weights", str(tiny_weights_copy), "predict", str(image), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""  # nothing scored with another model
+    last = err.strip().splitlines()[-1]  # TensorFlow may print its start-up chatter first
+    assert last.startswith("error: ") and "tiny-grouped" in last and "does not match" in last and "--model NAME" in last
