@@ -154,7 +154,11 @@ def main() -> None:
         decision = predictor.decision(pred.probability, threshold)
         row_id = record_in_audit(log, predictor, fid, pred, threshold, decision)
         ok.append((fname, pred, decision, row_id))
-        rows.append({"file": fname, "probability": round(pred.probability, 4), "decision": decision,
+        interval = getattr(pred, "probability_interval", None)
+        rows.append({"file": fname, "probability": round(pred.probability, 4),
+                     **({"members' range": f"{interval[0]:.3f}–{interval[1]:.3f}"} if interval else {}),
+                     "decision": decision,
+                     "check": "in distribution" if not pred.warnings else "⚠ " + pred.warnings[0].split(";")[0],
                      "threshold": round(threshold, 4), "model": predictor.name})
     if not ok:
         audit_section(log)
@@ -190,26 +194,38 @@ def main() -> None:
 
 
 def show_prediction(fname: str, pred, decision: str, threshold: float, alpha: float) -> None:
-    """Probability, decision and the original + Grad-CAM overlay with linked zoom and pan."""
+    """Probability (with the ensemble members' range), decision, warnings, and three panels: the original
+    with the breast outline, the model's own input, the Grad-CAM overlay on the original."""
     from mammo_core.explain import overlay
-    from mammo_core.plots import fit_for_display, image_pair_figure
+    from mammo_core.plots import fit_for_display, image_triplet_figure
 
     st.subheader(shared.plain(fname))
+    for warning in pred.warnings:
+        st.warning(shared.plain(warning))
     cols = st.columns(3)
-    cols[0].metric("Probability of malignancy", f"{pred.probability:.3f}")
+    interval = getattr(pred, "probability_interval", None)
+    cols[0].metric("Probability of malignancy", f"{pred.probability:.3f}",
+                   help=f"Members' range {interval[0]:.3f}–{interval[1]:.3f}" if interval else None)
     cols[1].metric(f"Decision at threshold {threshold:.2f}", decision)
     meta = getattr(pred.image, "metadata", {}) or {}
     h, w = meta.get("height") or pred.image.pixels.shape[0], meta.get("width") or pred.image.pixels.shape[1]
     cols[2].metric("Image size", f"{w}×{h}", help=", ".join(f"{k}: {v}" for k, v in meta.items()
                                                             if isinstance(v, (str, int, float))) or None)
+    if interval:
+        st.caption(f"Range across the ensemble's members: **{interval[0]:.3f} – {interval[1]:.3f}**. Each member "
+                   "was trained on different source images; a wide range means they disagree. It is not a "
+                   "confidence interval for this patient.")
     pixels = fit_for_display(pred.image.pixels)
     ph, pw = pixels.shape
-    fig = image_pair_figure(pixels, overlay(pixels, pred.heatmap, alpha=alpha),
-                            height=int(min(760, max(420, 480 * ph / pw))))
+    model_view = pred.model_input if pred.model_input is not None else fit_for_display(pred.image.pixels, 224)
+    fig = image_triplet_figure(pixels, model_view, overlay(pixels, pred.heatmap_on_original(pixels.shape), alpha=alpha),
+                               outline=pred.outline_on(pixels.shape), height=int(min(640, max(360, 420 * ph / pw))))
     st.plotly_chart(fig, key="review_figure",
                     config={"scrollZoom": True, "displaylogo": False})
-    st.caption("Drag to zoom (both views follow), scroll to zoom, double-click to reset. Grad-CAM shows where "
-               "the network's last convolution responded; it is not a lesion outline.")
+    st.caption("Left: the original with the breast the model found. Middle: the model's own input (cropped, "
+               "chest wall to the left, intensities normalised). Right: Grad-CAM drawn back onto the original. "
+               "Drag to zoom (left and right follow each other), double-click to reset. Grad-CAM shows where the "
+               "network responded; it is not a lesion outline.")
 
 
 main()

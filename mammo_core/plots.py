@@ -61,6 +61,32 @@ def image_pair_figure(left: np.ndarray, right: np.ndarray, *, titles: Sequence[s
     return fig
 
 
+def image_triplet_figure(original: np.ndarray, model_input: np.ndarray, overlaid: np.ndarray, *,
+                         outline: np.ndarray | None = None, height: int = 520) -> Any:
+    """The original (with the breast outline), the model's 224x224 input, and the Grad-CAM overlay drawn
+    back onto the original. The first and third share zoom and pan (same coordinates)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.02, column_widths=[0.4, 0.2, 0.4],
+                        subplot_titles=["Original, breast outlined", "What the model saw", "Grad-CAM on the original"])
+    for col, pixels in enumerate((original, model_input, overlaid), start=1):
+        fig.add_trace(go.Image(source=png_data_uri(pixels), hoverinfo="skip"), row=1, col=col)
+    if outline is not None and len(outline):
+        fig.add_trace(go.Scatter(x=outline[:, 1], y=outline[:, 0], mode="lines", hoverinfo="skip", showlegend=False,
+                                 line=dict(color="#00e5ff", width=1.5)), row=1, col=1)
+    axes = dict(showticklabels=False, ticks="", showgrid=False, zeroline=False, showline=False)
+    fig.update_xaxes(**axes)
+    fig.update_yaxes(**axes)
+    fig.update_xaxes(matches="x", row=1, col=3)
+    fig.update_yaxes(matches="y", row=1, col=3)
+    for col, x in ((1, "x"), (2, "x2"), (3, "x3")):
+        fig.update_yaxes(scaleanchor=x, row=1, col=col)
+    fig.update_yaxes(autorange="reversed", row=1, col=1)
+    fig.update_layout(height=height, margin=dict(l=0, r=0, t=30, b=0), dragmode="zoom")
+    return fig
+
+
 def roc_figure(curves: Iterable[dict[str, Any]], *, threshold: float) -> Any:
     """ROC curves, one per model: dicts with label, fpr, tpr, auc and `point` = (fpr, tpr) at `threshold`."""
     import plotly.graph_objects as go

@@ -42,6 +42,7 @@ class Prediction:
     model_input: np.ndarray | None = None  # (224, 224) uint8: what the model saw
     geometry: Geometry | None = None  # how `model_input` maps onto the original (None: whole frame stretched)
     outline: np.ndarray | None = None  # (K, 2) row, col points of the breast outline on the original
+    original_shape: tuple[int, int] | None = None  # of the decoded original, before any shrinking for display
     #: (low, high) range of the ensemble members' calibrated probabilities; None for a single model
     probability_interval: tuple[float, float] | None = None
     ood_score: float | None = None  # squared Mahalanobis distance of the trunk features (ensembles)
@@ -49,16 +50,23 @@ class Prediction:
     warnings: list[str] = field(default_factory=list)
 
     def heatmap_on_original(self, shape: tuple[int, int] | None = None) -> np.ndarray | None:
-        """The heatmap over the original frame (or a `shape`-sized version of it); None without a heatmap."""
+        """The heatmap over the original frame, at `shape` (default: the size of `image.pixels`, which
+        may have been shrunk for display); None without a heatmap."""
         if self.heatmap is None or self.image is None:
             return None
-        original = self.image.pixels.shape
+        rows, cols = shape or self.image.pixels.shape[:2]
         if self.geometry is None:
             from PIL import Image
 
-            rows, cols = shape or original
             return np.asarray(Image.fromarray(self.heatmap.astype(np.float32), mode="F").resize((cols, rows), Image.BILINEAR))
-        return to_original(self.heatmap, self.geometry, shape)
+        return to_original(self.heatmap, self.geometry, (rows, cols))
+
+    def outline_on(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """The breast outline's (row, col) points scaled to an image of `shape` (e.g. the display copy)."""
+        if self.outline is None or not len(self.outline) or self.original_shape is None:
+            return None
+        oh, ow = self.original_shape
+        return self.outline * np.asarray([shape[0] / oh, shape[1] / ow], dtype=np.float32)
 
     def to_json(self, model_name: str) -> dict[str, Any]:
         if self.error is not None:
@@ -254,7 +262,7 @@ class Predictor:
             pixels = pred.image.pixels
             prepared = prepare(pixels)  # its checks and outline serve every model
             pred.warnings.extend(input_warnings(pixels, prepared))
-            pred.outline = prepared.outline
+            pred.outline, pred.original_shape = prepared.outline, tuple(pixels.shape[:2])
             if self.preprocessing == LEGACY:
                 pred.model_input = resize_for_model(pixels)
             elif self.preprocessing == PREPROCESSING_ID:
@@ -300,6 +308,28 @@ class Predictor:
         if not keep_images:
             pred.image = None
         return pred
+
+    # --- the two halves of `score_many`, for engines that run them in different processes (ray_engine) ---
+
+    @classmethod
+    def preparer(cls, card: dict[str, Any]) -> "Predictor":
+        """A Predictor without a model that can only `prepare_one`, with the preprocessing `card` names:
+        decoding tasks use it so that they never load the model."""
+        self = cls.__new__(cls)
+        self.card, self.name, self.preprocessing = card, card.get("name", ""), card_preprocessing(card)
+        return self
+
+    def prepare_one(self, source: Source, name: str | None = None) -> Prediction:
+        """Decode and preprocess one input exactly as `score_many` does; nothing is scored. Never raises
+        for a bad image (`Prediction.error`); otherwise `model_input` is set."""
+        return self._load(source, name)
+
+    def score_prepared(self, preds: Sequence[Prediction], *, with_cam: bool = False) -> list[Prediction]:
+        """Score the inputs `prepare_one` made, in one batch, as `score_many` does; error rows pass through."""
+        good = [pred for pred in preds if pred.error is None]
+        if good:
+            self._fill_batch(good, np.stack([pred.model_input for pred in good]), with_cam)
+        return list(preds)
 
 
 #: Shown when the network's own features place an input far from every training image.

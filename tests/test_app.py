@@ -93,10 +93,15 @@ def test_review_scores_uploads_and_threshold_does_not_rescore(app_env, tiny_weig
     prob = float(metric(at, "Probability of malignancy"))
     assert 0.0 <= prob <= 1.0
     assert metric(at, "Decision at threshold 0.50") == ("malignant" if prob >= 0.5 else "benign")
-    assert len(at.get("plotly_chart")) == 1  # original + Grad-CAM overlay
+    charts = at.get("plotly_chart")
+    assert len(charts) == 1  # original, model input, Grad-CAM on the original
+    import json as _json
+
+    traces = _json.loads(charts[0].proto.spec)["data"]
+    assert [t["type"] for t in traces][:3] == ["image", "image", "image"]
     assert any("broken.dcm" in e.value and "could not be scored" in e.value for e in at.error)
     worklist = at.dataframe[0].value
-    assert list(worklist.columns) == ["file", "probability", "decision", "threshold", "model"]
+    assert list(worklist.columns) == ["file", "probability", "decision", "check", "threshold", "model"]
     assert worklist["file"].tolist() == ["scan.png"] and worklist["model"].tolist() == ["tiny-grouped"]
     assert calls == [2]
 

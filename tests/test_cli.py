@@ -51,7 +51,8 @@ def test_predict_scores_good_files_and_rejects_bad_ones(tiny_weights, mixed_fold
     assert sorted(by_name) == ["a_good.png", "b_empty.png", "c_truncated.png", "d_text.png", "e_good.png"]
     for name in ("a_good.png", "e_good.png"):
         r = by_name[name]
-        assert set(r) == {"path", "probability", "label", "threshold", "model"}
+        assert set(r) == {"path", "probability", "label", "threshold", "model", "in_distribution", "warnings"}
+        assert r["in_distribution"] is True and r["warnings"] == []  # a synthetic breast on black
         assert 0.0 <= r["probability"] <= 1.0 and r["model"] == "tiny-grouped"
         assert r["label"] == ("malignant" if r["probability"] >= r["threshold"] else "benign")
     assert "empty" in by_name["b_empty.png"]["error"]
