@@ -461,7 +461,8 @@ def store_in_card(model_dir: str | Path, results: dict[str, Any], *, allow_other
     if card.get("architecture") != results.get("architecture") and not allow_other_architecture:
         raise ValueError(f"{model_dir}: the card is for {card.get('architecture')!r} but the CV results are for "
                          f"{results.get('architecture')!r}; pass --allow-other-architecture to store them anyway.")
-    stored = {k: v for k, v in results.items() if k not in ("config",)}
+    stored = data_mod.portable_paths({k: v for k, v in results.items() if k not in ("config",)},
+                                     (results.get("dataset") or {}).get("path"))
     card[CARD_KEYS[results["group_by"]]] = json.loads(dumps(stored))
     evaluation = card.setdefault("evaluation", {})
     evaluation.setdefault("split_note", evaluation.get("note", ""))

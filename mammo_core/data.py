@@ -129,6 +129,36 @@ def scan_dataset(root: str | Path, *, patient_map: str | Path | None = None) -> 
     return frame
 
 
+#: How a card names the dataset folder named by MAMMO_DATA_DIR (cards hold no machine paths).
+DATA_DIR_TOKEN = "$MAMMO_DATA_DIR"
+
+
+def portable_paths(obj: object, root: str | Path | None) -> object:
+    """`obj` (a card or results dict) with every string that is `root` or a path under it rewritten as
+    `$MAMMO_DATA_DIR/...`, when `root` is the folder MAMMO_DATA_DIR names; otherwise unchanged."""
+    from .config import data_dir
+
+    named = data_dir()
+    if root is None or named is None or Path(root).resolve() != named.resolve():
+        return obj
+    prefixes = sorted({str(root), str(Path(root).resolve()), os.environ.get("MAMMO_DATA_DIR", "")} - {""},
+                      key=len, reverse=True)
+
+    def fix(value: object) -> object:
+        if isinstance(value, str):
+            for prefix in prefixes:
+                if value == prefix or value.startswith(prefix.rstrip("/") + "/"):
+                    return DATA_DIR_TOKEN + value[len(prefix.rstrip("/")):]
+            return value
+        if isinstance(value, dict):
+            return {k: fix(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        return value
+
+    return fix(obj)
+
+
 def fingerprint(frame: pd.DataFrame, root: str | Path) -> dict[str, object]:
     """File count and a sha256 over the sorted relative paths and sizes: identifies a dataset."""
     root = Path(root)

@@ -164,6 +164,7 @@ def train_ensemble_into(config: Any, out: Path, log: Callable[[str], None] = pri
             {k: v for k, v in results.items() if k != "config"},
         "config": {k: v for k, v in vars(config).items()},
     }
+    card = data_mod.portable_paths(card, data_root)
     card["model_sha256"] = sha256_file(out / MODEL_FILE)
     log(f"out-of-fold: AUC {metrics['auc']:.4f}, accuracy {metrics['accuracy']:.4f}; OOD threshold {threshold:.1f}")
     return card

@@ -136,3 +136,19 @@ def test_fingerprint_changes_with_files(tmp_path):
     write_png(root / "train" / "benign" / "5555.png", synthetic_mammogram(5, malignant=False))
     b = data.fingerprint(data.scan_dataset(root), root)
     assert a["n_files"] + 1 == b["n_files"] and a["sha256"] != b["sha256"]
+
+
+def test_portable_paths_replace_the_data_dir(tmp_path, monkeypatch):
+    from mammo_core.data import DATA_DIR_TOKEN, portable_paths
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    monkeypatch.setenv("MAMMO_DATA_DIR", str(root))
+    card = {"dataset": {"path": str(root)}, "config": {"patient_map": str(root / "patients.csv")},
+            "other": [str(tmp_path / "elsewhere"), 3]}
+    out = portable_paths(card, root)
+    assert out["dataset"]["path"] == DATA_DIR_TOKEN
+    assert out["config"]["patient_map"] == DATA_DIR_TOKEN + "/patients.csv"
+    assert out["other"] == [str(tmp_path / "elsewhere"), 3]
+    monkeypatch.delenv("MAMMO_DATA_DIR")
+    assert portable_paths(card, root) == card  # not the named folder: left as it is
