@@ -218,24 +218,9 @@ class AuditLog:
             ValueError: a hash that is not 64 hex characters, or a probability or threshold
                 outside [0, 1]; the message names the bad value.
         """
-        file_sha256 = _check_sha256("file_sha256", file_sha256)
-        model_sha256 = _check_sha256("model_sha256", model_sha256)
-        probability = _check_unit("probability", probability)
-        threshold = _check_unit("threshold", threshold)
-        if not isinstance(decision, str) or not decision:
-            raise ValueError(f"decision must be a non-empty string, got {decision!r}")
-        row = (
-            datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            None if user is None else str(user),
-            file_sha256,
-            file_name if self.keep_file_names else mask_file_name(file_name),
-            str(model_name),
-            model_sha256,
-            probability,
-            threshold,
-            decision,
-            note,
-        )
+        row = new_row(self.keep_file_names, file_sha256=file_sha256, file_name=file_name, model_name=model_name,
+                      model_sha256=model_sha256, probability=probability, threshold=threshold, decision=decision,
+                      note=note, user=user)
         with self._connect() as conn, self._write(conn):
             cursor = conn.execute(
                 f"INSERT INTO scores ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * len(row))})",
@@ -301,6 +286,56 @@ class AuditView:
 
     def __len__(self) -> int:
         return len(self.recent(limit=-1))
+
+
+def new_row(keep_file_names: bool, *, file_sha256: str, file_name: str | None, model_name: str, model_sha256: str,
+            probability: float, threshold: float, decision: str, note: str | None = None,
+            user: str | None = None) -> tuple:
+    """The validated values of one new row, in `COLUMNS[1:]` order (every backend stores this tuple).
+
+    Raises ValueError naming a hash that is not 64 hex characters, a probability or threshold outside
+    [0, 1], or an empty decision.
+    """
+    file_sha256 = _check_sha256("file_sha256", file_sha256)
+    model_sha256 = _check_sha256("model_sha256", model_sha256)
+    probability = _check_unit("probability", probability)
+    threshold = _check_unit("threshold", threshold)
+    if not isinstance(decision, str) or not decision:
+        raise ValueError(f"decision must be a non-empty string, got {decision!r}")
+    return (
+        datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        None if user is None else str(user),
+        file_sha256,
+        file_name if keep_file_names else mask_file_name(file_name),
+        str(model_name),
+        model_sha256,
+        probability,
+        threshold,
+        decision,
+        note,
+    )
+
+
+#: A database URL for the audit log: `sqlite:///path` or `postgresql://user:password@host:port/db`.
+AUDIT_URL_ENV = "MAMMO_AUDIT_URL"
+
+
+def open_audit_log(url: str | None = None, *, keep_file_names: bool | None = None) -> Any:
+    """The audit log that `url` (default: MAMMO_AUDIT_URL) names: a shared PostgreSQL log for
+    `postgresql://...` (`audit_pg.PostgresAuditLog`, same API), a SQLite file for `sqlite:///path`;
+    without a URL the embedded SQLite default (`default_audit_path`). ValueError for another scheme
+    (the message never repeats the URL, which may hold a password)."""
+    url = url if url is not None else os.environ.get(AUDIT_URL_ENV, "").strip()
+    if not url:
+        return AuditLog(default_audit_path(), keep_file_names=keep_file_names)
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("postgresql", "postgres", "postgresql+psycopg"):
+        from .audit_pg import PostgresAuditLog
+
+        return PostgresAuditLog(url, keep_file_names=keep_file_names)
+    if scheme == "sqlite" and url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return AuditLog(Path(url[len("sqlite:///"):]), keep_file_names=keep_file_names)
+    raise ValueError(f"{AUDIT_URL_ENV}: expected sqlite:///PATH or postgresql://..., got a URL of scheme {scheme or 'none'!r}")
 
 
 def _create_private(path: Path) -> None:
