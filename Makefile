@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-12)
 PORT   ?= 8501
 
-.PHONY: run test browser pacs bench clean
+.PHONY: run test browser pacs cluster bench clean
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,11 @@ browser:
 pacs:
 	@bash scripts/install_pacs.sh
 
-test: $(STAMP) browser pacs
+# Ray (predict --engine ray) and psycopg into the venv, Debian's postgresql for the audit tests; skipped (with a reason) when absent.
+cluster: $(STAMP)
+	@PY=$(BIN)/python bash scripts/install_cluster.sh
+
+test: $(STAMP) browser pacs cluster
 	$(BIN)/python -m pytest -ra
 
 bench: $(STAMP)

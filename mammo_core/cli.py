@@ -266,7 +266,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         _err("no image files found in the given paths.")
         return EXIT_REJECTED
+    if args.engine == "ray":
+        return _predict_ray(args, paths)
     predictor = Predictor.load(args.model, root=args.weights)
+    outputs = _PredictOutputs(args, predictor.name, predictor.model_sha256)
     outdir = Path(args.gradcam) if args.gradcam else None
     inputs_dir = Path(args.save_inputs) if args.save_inputs else None
     for folder in (outdir, inputs_dir):
@@ -294,6 +297,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 _save_overlay(pred, outdir)
             if inputs_dir is not None:
                 _save_input(pred, inputs_dir)
+        outputs.add(pred.to_json(predictor.name), pred.sha256)
         if args.json:
             print(json.dumps(pred.to_json(predictor.name)), flush=True)
         elif pred.error is not None:
@@ -305,6 +309,79 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{pred.name}\t{pred.probability:.4f}{interval}\t{pred.label}{flags}", flush=True)
     if bar is not None:
         bar.close()
+    outputs.close()
+    return EXIT_REJECTED if rejected else EXIT_OK
+
+
+class _PredictOutputs:
+    """Where predict's rows go besides stdout: `--out` (CSV/Parquet, `results_out`) and `--audit`."""
+
+    def __init__(self, args: argparse.Namespace, model_name: str, model_sha256: str) -> None:
+        from .results_out import ResultsFile
+
+        self.file = ResultsFile(args.out) if args.out else None
+        self.audit = None
+        self.model_name, self.model_sha256 = model_name, model_sha256
+        if args.audit:
+            import getpass
+
+            from .audit import open_audit_log
+
+            self.audit, self.user = open_audit_log(), getpass.getuser()
+
+    def add(self, row: dict, sha256: str | None) -> None:
+        if self.file is not None:
+            self.file.add(row)
+        if self.audit is not None and "error" not in row:
+            self.audit.record(file_sha256=sha256, file_name=row["path"], model_name=self.model_name,
+                              model_sha256=self.model_sha256, probability=row["probability"],
+                              threshold=row["threshold"], decision=row["label"], user=self.user)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _predict_ray(args: argparse.Namespace, paths: list) -> int:
+    """predict --engine ray: the same rows as the local engine, scored on Ray (`ray_engine`)."""
+    if args.gradcam or args.save_inputs:
+        raise ValueError("--gradcam and --save-inputs need the local engine (--engine local)")
+    try:
+        from .ray_engine import score_paths_ray
+    except ImportError:
+        _err("--engine ray needs Ray: pip install -r requirements-cluster.txt")
+        return EXIT_FAIL
+    from .registry import read_card, resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model, root=args.weights)
+    card = read_card(model_dir)
+    outputs = _PredictOutputs(args, card.get("name") or model_dir.name, card.get("model_sha256", ""))
+    bar = None
+    if not args.no_progress and len(paths) > 1 and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), unit="img", file=sys.stderr)
+    rejected = 0
+    try:
+        for row, sha256 in score_paths_ray(paths, model_dir, workers=args.workers, batch_size=args.batch_size,
+                                           address=args.ray_address):
+            rejected += "error" in row
+            outputs.add(row, sha256)
+            if args.json:
+                print(json.dumps(row), flush=True)
+            elif "error" in row:
+                print(f"{row['path']}\terror: {row['error']}", flush=True)
+            else:
+                interval = "".join(f"\t[{low:.4f}, {high:.4f}]" for low, high in [row.get("probability_interval")]
+                                   if row.get("probability_interval"))
+                flags = "".join(f"\twarning: {w}" for w in row["warnings"])
+                print(f"{row['path']}\t{row['probability']:.4f}{interval}\t{row['label']}{flags}", flush=True)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        outputs.close()
     return EXIT_REJECTED if rejected else EXIT_OK
 
 
@@ -406,6 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local (default): this process; ray: Ray Data tasks decode, a pool of model actors scores "
+                        "(pip install -r requirements-cluster.txt)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--workers", type=int, default=2, help="--engine ray: model actors (default 2)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the rows to FILE.csv or FILE.parquet, as they arrive")
+    p.add_argument("--audit", action="store_true",
+                   help="record every scored file in the audit log ($MAMMO_AUDIT_URL / $MAMMO_AUDIT_DB), like the app")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("models", help="list the models in weights/")
