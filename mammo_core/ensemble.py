@@ -24,6 +24,7 @@ from .config import CLASS_NAMES, DEFAULT_THRESHOLD, IMAGE_SIZE
 
 #: Fraction of the held-out fold's images that the out-of-distribution threshold lets through.
 OOD_PASS_RATE = 0.99
+OOF_TEXT = "out-of-fold predictions (each image scored by the member that never trained on its group)"
 INTERVAL_TEXT = ("range of the ensemble members' calibrated probabilities (each member trained on different "
                  "source images): how much the members disagree, not a confidence interval")
 
@@ -92,7 +93,7 @@ def train_ensemble_into(config: Any, out: Path, log: Callable[[str], None] = pri
     (model.keras, test_predictions.csv = out-of-fold predictions, history.csv); returns the card."""
     from . import data as data_mod
     from . import finetune
-    from .calibration import choose_thresholds
+    from .calibration import UNCALIBRATED_COLUMN, brier, operating_points
     from .cv import CVConfig, FineTuneTrainer, run_folds
     from .evaluate import compute_metrics
     from .model import get_architecture
@@ -121,11 +122,14 @@ def train_ensemble_into(config: Any, out: Path, log: Callable[[str], None] = pri
     model.save(out / MODEL_FILE)
     table = pd.DataFrame({"path": [os.path.relpath(p, data_root) for p in oof["path"]], "group": oof["group"],
                           "patient": oof["patient"], "label": oof["label"], "fold": oof["fold"],
-                          "probability": oof["probability"]})
+                          "probability": oof["probability"],
+                          UNCALIBRATED_COLUMN: oof["probability_uncalibrated"]})
     table.to_csv(out / PREDICTIONS_FILE, index=False)
     pd.DataFrame(results["folds"]).to_csv(out / HISTORY_FILE, index=False)
     metrics = compute_metrics(table["label"], table["probability"], threshold=DEFAULT_THRESHOLD)
-    points = choose_thresholds(table["label"], table["probability"])
+    points = operating_points(table["label"], table["probability"])
+    for point in points:
+        point["computed_on"] = OOF_TEXT
     arch = get_architecture(config.architecture)
     unit = "source image" if config.group_by == "source" else "patient"
     card: dict[str, Any] = {
@@ -153,8 +157,12 @@ def train_ensemble_into(config: Any, out: Path, log: Callable[[str], None] = pri
                 "threshold_rule": f"{OOD_PASS_RATE:.0%} of the {int(held_out.sum())} images of held-out fold 0 pass"},
         "cam_layer": finetune.TRUNK_NAME,
         "threshold": DEFAULT_THRESHOLD,
-        "operating_points": {"computed_on": "out-of-fold predictions (each image scored by the member that did not "
-                                            "train on it)", **points},
+        "calibration": {"method": "temperature per member", "temperatures": temperatures,
+                        "computed_on": "each member's validation part (25 % of its training folds' groups)",
+                        "formula": "p_i = sigmoid(logit_i / temperature_i); p = mean(p_i)",
+                        "brier_oof_before": brier(table["label"], table[UNCALIBRATED_COLUMN]),
+                        "brier_oof_after": brier(table["label"], table["probability"])},
+        "operating_points": points,
         "evaluation": {"protocol": "cross-validation",
                        "note": f"Out-of-fold: every image was scored by the ensemble member that never saw its "
                                f"{unit}; the shipped ensemble averages all members, so these numbers describe "
