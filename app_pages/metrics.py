@@ -142,7 +142,7 @@ def calibration_info(card: dict[str, Any]) -> None:
         return
     params = ", ".join(f"{k} = {shared.fmt(cal[k])}" for k in ("temperature", "a", "b") if k in cal)
     st.markdown(f"**Calibration in the card** — method: {cal.get('method', '?')}{' (' + params + ')' if params else ''}; "
-                f"Brier before {shared.fmt(cal.get('brier_before'))}, after {shared.fmt(cal.get('brier_after'))}; "
+                f"Brier before {shared.fmt(cal.get('brier_test_before', cal.get('brier_oof_before')))}, after {shared.fmt(cal.get('brier_test_after', cal.get('brier_oof_after')))}; "
                 f"computed on {cal.get('computed_on', '?')}.")
 
 

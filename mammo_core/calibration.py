@@ -167,9 +167,6 @@ def calibrate_model_dir(model_dir: str | Path) -> dict[str, Any]:
         "brier_test_before": brier(test["label"], test[UNCALIBRATED_COLUMN]),
         "brier_test_after": brier(test["label"], test["probability"]),
     }
-    # The app's short names: Brier on the test split, before and after.
-    card["calibration"]["brier_before"] = card["calibration"]["brier_test_before"]
-    card["calibration"]["brier_after"] = card["calibration"]["brier_test_after"]
     card["operating_points"] = operating_points(val["label"], val["probability"], test["label"], test["probability"])
     threshold = float(card.get("threshold", 0.5))
     if "metrics" in card and "metrics_uncalibrated" not in card:

@@ -163,8 +163,7 @@ def train_ensemble_into(config: Any, out: Path, log: Callable[[str], None] = pri
                         "brier_oof_before": brier(table["label"], table[UNCALIBRATED_COLUMN]),
                         "brier_oof_after": brier(table["label"], table["probability"])},
         "operating_points": points,
-        "evaluation": {"protocol": "cross-validation",
-                       "note": f"Out-of-fold: every image was scored by the ensemble member that never saw its "
+        "evaluation": {"note": f"Out-of-fold: every image was scored by the ensemble member that never saw its "
                                f"{unit}; the shipped ensemble averages all members, so these numbers describe "
                                f"the recipe, one member at a time."},
         "metrics": {"test": metrics},

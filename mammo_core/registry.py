@@ -92,22 +92,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def read_card(model_dir: str | Path) -> dict[str, Any]:
-    """Parse `card.json` of a model directory; ModelDirError naming the path when it cannot."""
-    path = Path(model_dir) / CARD_FILE
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelDirError(f"{model_dir}: no {CARD_FILE}; not a model directory.") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelDirError(f"{path}: unreadable model card ({exc}).") from None
-    if not isinstance(card, dict):
-        raise ModelDirError(f"{path}: model card is not a JSON object.")
-    return card
+# The card's schema, migration and writer live in `mammo_core.card`; these names stay for their callers.
+from .card import edit_card, read_card, write_card  # noqa: E402,F401
 
-
-def write_card(model_dir: str | Path, card: dict[str, Any]) -> None:
-    atomic_write_text(Path(model_dir) / CARD_FILE, json.dumps(card, indent=2, sort_keys=False) + "\n")
 
 
 # --- trust manifests ------------------------------------------------------------------------------

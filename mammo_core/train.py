@@ -81,6 +81,8 @@ class TrainConfig:
     #: fields of `finetune.Recipe` that differ from its defaults
     folds: int = 5
     recipe: dict[str, Any] | None = None
+    #: tf.distribute strategy (`distribute.STRATEGIES`): none, auto, mirrored or multi-worker (TF_CONFIG)
+    strategy: str = "none"
 
     @property
     def input_pipeline(self) -> str:
@@ -107,6 +109,9 @@ class TrainConfig:
         from .fast_training import check_precision
 
         check_precision(self.precision)
+        from .distribute import check_strategy
+
+        check_strategy(self.strategy)
         from .preprocessing import PREPROCESSINGS
 
         if self.input_pipeline not in PREPROCESSINGS:
@@ -116,6 +121,9 @@ class TrainConfig:
         from .model import get_architecture
 
         arch = get_architecture(self.architecture)
+        if self.strategy in ("mirrored", "multi-worker") and arch.strategy in ("features", "finetune"):
+            raise ValueError(f"--strategy {self.strategy} trains networks on images; {self.architecture} trains a head "
+                             "on cached features: use --strategy none")
         if arch.fixed_channels is not None and self.channels != arch.fixed_channels:
             raise ValueError(f"{self.architecture} takes {arch.fixed_channels}-channel input, got channels={self.channels}")
 
@@ -283,12 +291,16 @@ def train(config: TrainConfig, *, root: str | Path | None = None, progress_path:
     another run holds the lock, FileExistsError when the name is taken, Cancelled on SIGTERM.
     """
     config.validate()
-    root = Path(root) if root is not None else weights_dir()
+    from . import distribute
+
+    distribute.make_strategy(config.strategy)  # before any other TensorFlow operation (multi-worker needs it)
+    # multi-worker: only the chief writes into `root`; the other workers train alongside into a scratch folder
+    root = distribute.output_root(Path(root) if root is not None else weights_dir(), config.strategy)
     final_dir = root / config.name
     if final_dir.exists():
         raise FileExistsError(f"{final_dir}: a model with this name exists; choose another name (existing models are never overwritten).")
     progress_path = Path(progress_path) if progress_path is not None else None
-    with training_lock(root), _sigterm_cancels() as cancel_requested:
+    with distribute.scratch_removed(root), training_lock(root), _sigterm_cancels() as cancel_requested:
         _remove_stale_tmp_dirs(root)
         tmp_dir = root / f".tmp-{config.name}-{os.getpid()}"
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -333,10 +345,15 @@ def _fit_on_images(config: TrainConfig, arch, parts: dict[str, pd.DataFrame], ou
               for s, part in parts.items()}
     log(f"decoded in {time.time() - t0:.1f} s; train {len(parts['train'])}, val {len(parts['val'])}, test {len(parts['test'])}")
 
+    from . import distribute
+
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config.architecture, channels=config.channels, compile=False)
-    # paper-cnn trains through an equivalent, cheaper computation; `model` is what gets saved
-    trainer, computation = training_model(model, arch, precision=config.precision, learning_rate=config.learning_rate)
+    strategy = distribute.make_strategy(config.strategy)
+    with distribute.scope(strategy):  # variables mirrored over the strategy's devices (none: one device)
+        model = build_model(config.architecture, channels=config.channels, compile=False)
+        # paper-cnn trains through an equivalent, cheaper computation; `model` is what gets saved
+        trainer, computation = training_model(model, arch, precision=config.precision, learning_rate=config.learning_rate)
+    computation["distribution"] = distribute.describe(strategy, config.strategy)
     log(f"training computation: {computation['precision']}, blocks {computation['block_order']}")
     if trainer is model and config.precision == "mixed_bfloat16":  # not a paper-cnn
         log(f"note: --precision applies to paper-cnn only; {config.architecture} trains in float32")
@@ -352,8 +369,16 @@ def _fit_on_images(config: TrainConfig, arch, parts: dict[str, pd.DataFrame], ou
     progress = _progress_callback(progress_path, out / HISTORY_FILE, config.epochs, steps, on_progress)
     weights = class_weights(parts["train"]["label"].to_numpy()) if arch.class_weighted else None
     t0 = time.time()
-    trainer.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[progress], class_weight=weights, shuffle=False,
-                verbose=0)
+    if distribute.is_multi_worker(strategy):  # Keras' fit fails under it: the custom loop, with checkpoints
+        distribute.fit_custom(strategy, trainer, train_ds, epochs=config.epochs, global_batch_size=config.batch_size,
+                              class_weight=weights, callbacks=[progress], log=log,
+                              validate=distribute.validation(model, images["val"], parts["val"]["label"], config.channels),
+                              checkpoints=distribute.checkpoint_dir(out, config.name),
+                              chief=distribute.is_chief(config.strategy))
+        log(f"{distribute.task_name(config.strategy)}: final weights sha256 {distribute.weights_digest(model)}")
+    else:
+        trainer.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[progress], class_weight=weights,
+                    shuffle=False, verbose=0)
     fit_seconds = time.time() - t0
     probs = {split: predict_arrays(model, images[split], channels=config.channels, batch_size=128)
              for split in ("val", "test")}
@@ -464,7 +489,7 @@ def _train_into(config: TrainConfig, out: Path, root: Path, progress_path: Path 
         },
         **({"cam_layer": arch.cam_layer} if arch.cam_layer else {}),
         "threshold": DEFAULT_THRESHOLD,
-        "evaluation": {"protocol": config.protocol, "note": note},
+        "evaluation": {"note": note},
         "metrics": metrics,
         "config": asdict(config),
     }

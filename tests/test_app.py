@@ -199,8 +199,8 @@ def test_metrics_shows_card_extras_and_operating_points(app_env, tiny_weights_co
     card = json.loads(card_path.read_text())
     card["operating_points"] = [{"name": "high sensitivity", "threshold": 0.2, "sensitivity": 0.95,
                                  "specificity": 0.4, "computed_on": "validation split"}]
-    card["calibration"] = {"method": "temperature", "temperature": 1.7, "brier_before": 0.24,
-                           "brier_after": 0.2, "computed_on": "validation split"}
+    card["calibration"] = {"method": "temperature", "temperature": 1.7, "brier_test_before": 0.24,
+                           "brier_test_after": 0.2, "computed_on": "validation split"}
     card["cross_validation"] = {"protocol": "grouped", "k": 5, "group_by": "source",
                                 "folds": [{"fold": i, "auc": 0.6, "accuracy": 0.6, "sensitivity": 0.5,
                                            "specificity": 0.7, "n_images": 10, "n_groups": 2} for i in range(5)],

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.factories import minimal_card
 from mammo_core import calibration as cal
 from mammo_core import registry
 
@@ -82,8 +83,8 @@ def _model_dir(tmp_path, rng):
         pd.DataFrame({"path": [f"x{i}.png" for i in range(n)], "group": "g", "patient": "p", "label": y,
                       "probability": p.astype(np.float32)}).to_csv(d / name, index=False)
     (d / "model.keras").write_bytes(b"not really a model")
-    registry.write_card(d, {"name": "m", "threshold": 0.5, "model_sha256": registry.sha256_file(d / "model.keras"),
-                            "metrics": {"test": {"auc": 0.0}}})
+    registry.write_card(d, minimal_card(model_sha256=registry.sha256_file(d / "model.keras"),
+                                        metrics={"test": {"auc": 0.0}}))
     return d
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from mammo_core import cv, data, registry
 
-from .factories import make_dataset
+from .factories import minimal_card, make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def _fake_model_dir(root, architecture: str):
     d = root / "m"
     d.mkdir(parents=True)
     (d / "model.keras").write_bytes(b"model bytes")
-    registry.write_card(d, {"name": "m", "architecture": architecture, "model_sha256": registry.sha256_file(d / "model.keras"),
-                            "evaluation": {"protocol": "grouped", "note": "Grouped split note."}})
+    registry.write_card(d, minimal_card(architecture=architecture, model_sha256=registry.sha256_file(d / "model.keras"),
+                                        evaluation={"note": "Grouped split note."}))
     return d
 
 
