@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         group_by=args.group_by, patient_map=patient_map, epochs=args.epochs, batch_size=args.batch_size,
         seed=args.seed, channels=args.channels, learning_rate=args.learning_rate, precision=args.precision,
         max_steps_per_epoch=args.max_steps, preprocessing=args.preprocessing, folds=args.folds,
-        recipe=_recipe_overrides(args.recipe),
+        recipe=_recipe_overrides(args.recipe), strategy=args.strategy,
     )
     try:
         model_dir = train(config, root=args.weights, progress_path=args.progress_file,
@@ -57,7 +57,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _err("training interrupted; no model was written.")
         return EXIT_CANCELLED
-    if args.calibrate:
+    from .distribute import is_chief
+
+    if args.calibrate and is_chief(args.strategy):  # other multi-worker tasks keep no model
         from .calibration import calibrate_model_dir
 
         cal = calibrate_model_dir(model_dir)["calibration"]
@@ -116,13 +118,17 @@ def cmd_cv(args: argparse.Namespace) -> int:
             patient_map=_patient_map_for(Path(dataset), args.group_by, args.patient_map), seed=args.seed,
             epochs=args.epochs, batch_size=args.batch_size, copies_per_source=args.copies_per_source,
             val_copies_per_source=args.val_copies_per_source, n_boot=args.n_boot, precision=args.precision,
-            preprocessing=args.preprocessing, inner_only=args.inner_only,
+            preprocessing=args.preprocessing, inner_only=args.inner_only, strategy=args.strategy,
         )
         if args.recipe:
             from .finetune import Recipe
 
             config.recipe = Recipe(**_recipe_overrides(args.recipe))
         results, oof = run_cv(config, log=lambda m: print(m, file=sys.stderr, flush=True))
+        from .distribute import is_chief
+
+        if not is_chief(args.strategy):  # multi-worker: the chief writes and prints the results
+            return EXIT_OK
         out = args.out or Path("cv-results") / f"{args.arch}-{args.group_by}-k{args.k}-seed{args.seed}"
         json_path, csv_path = write_results(results, oof, out)
         print(f"results: {json_path}\nout-of-fold predictions: {csv_path}", file=sys.stderr)
@@ -408,8 +414,14 @@ PREPROCESSING_HELP = ("input pipeline (default: the paper's whole-frame resize w
                       "otherwise)")
 
 
+STRATEGY_HELP = ("tf.distribute (image-trained architectures): none (default); auto = MirroredStrategy over the local GPUs "
+                 "when there are two or more; mirrored = over the local GPUs (or logical CPUs); multi-worker = "
+                 "MultiWorkerMirroredStrategy over the machines in TF_CONFIG, only the chief writes (docs/SCALING.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import GROUP_BY, PROTOCOLS
+    from .distribute import STRATEGIES
     from .model import ARCHITECTURES
     from .preprocessing import PREPROCESSING_ID, PREPROCESSINGS
 
@@ -437,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", action="append", metavar="KEY=VALUE", help=RECIPE_HELP)
     p.add_argument("--progress-file", type=Path, default=None, help="write live progress JSON here")
     p.add_argument("--calibrate", action="store_true", help="then fit temperature scaling and operating points on the validation split")
+    p.add_argument("--strategy", default="none", choices=STRATEGIES, help=STRATEGY_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cv", help="k-fold cross-validation grouped by source image or patient, with cluster-bootstrap CIs")
@@ -460,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-results", default=None, metavar="JSON", help="store an existing cv_results.json instead of running CV (with --into-card)")
     p.add_argument("--allow-other-architecture", action="store_true", help="store results of another architecture in the card")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--strategy", default="none", choices=STRATEGIES, help=STRATEGY_HELP)
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("calibrate", help="fit temperature scaling and operating points on a model's validation predictions")

@@ -55,13 +55,20 @@ class CVConfig:
     recipe: Any = None
     #: score only the validation parts (recipe selection): the test folds are never predicted
     inner_only: bool = False
+    #: tf.distribute strategy for image-trained architectures (`distribute.STRATEGIES`)
+    strategy: str = "none"
 
     def validate(self) -> None:
         from .fast_training import check_precision
         from .model import get_architecture
 
-        get_architecture(self.architecture)
+        from .distribute import check_strategy
+
+        arch = get_architecture(self.architecture)
         check_precision(self.precision)
+        check_strategy(self.strategy)
+        if self.strategy in ("mirrored", "multi-worker") and arch.strategy in ("features", "finetune"):
+            raise ValueError(f"--strategy {self.strategy} trains networks on images; {self.architecture} does not")
         if self.k < 2:
             raise ValueError(f"k must be at least 2, got {self.k}")
         if self.group_by not in data_mod.GROUP_BY:
@@ -222,9 +229,13 @@ class ImageModelTrainer:
         cfg = self.config
         train = _subsample(train, cfg.copies_per_source, seed)
         val = _subsample(val, cfg.val_copies_per_source, seed)
+        from . import distribute
+
         keras.utils.set_random_seed(seed)
-        model = build_model(cfg.architecture, channels=1, compile=False)
-        trainer, self.computation = training_model(model, self.arch, precision=cfg.precision)
+        strategy = distribute.make_strategy(cfg.strategy)
+        with distribute.scope(strategy):
+            model = build_model(cfg.architecture, channels=1, compile=False)
+            trainer, self.computation = training_model(model, self.arch, precision=cfg.precision)
         train_ds = data_mod.make_tf_dataset(self.images[train.index], train["label"], batch_size=cfg.batch_size,
                                             shuffle=True, seed=seed,
                                             augment=flip_augment if self.arch.augment_flips else None)
@@ -237,8 +248,13 @@ class ImageModelTrainer:
                     best.update(loss=logs["val_loss"], epoch=epoch + 1, weights=[w.copy() for w in model.get_weights()])
 
         weights = class_weights(train["label"].to_numpy()) if self.arch.class_weighted else None
-        trainer.fit(train_ds, validation_data=val_ds, epochs=self.epochs, class_weight=weights,
-                    callbacks=[KeepBest()], shuffle=False, verbose=0)  # the dataset shuffles
+        if distribute.is_multi_worker(strategy):  # Keras' fit fails under it: the custom loop
+            distribute.fit_custom(strategy, trainer, train_ds, epochs=self.epochs, global_batch_size=cfg.batch_size,
+                                  class_weight=weights, callbacks=[KeepBest()],
+                                  validate=distribute.validation(model, self.images[val.index], val["label"], 1))
+        else:
+            trainer.fit(train_ds, validation_data=val_ds, epochs=self.epochs, class_weight=weights,
+                        callbacks=[KeepBest()], shuffle=False, verbose=0)  # the dataset shuffles
         model.set_weights(best["weights"])
         return {
             "val": predict_arrays(model, self.images[val.index], channels=1),
@@ -344,6 +360,9 @@ def run_cv(config: CVConfig, *, log: Callable[[str], None] = print) -> tuple[dic
     (calibrated with the fold's temperature), probability_uncalibrated.
     """
     config.validate()
+    from .distribute import make_strategy
+
+    make_strategy(config.strategy)  # before any other TensorFlow operation (multi-worker needs it)
     frame = data_mod.scan_dataset(config.data_dir, patient_map=config.patient_map).reset_index(drop=True)
     trainer = _trainer(frame, config, log)
     return run_folds(config, frame, trainer, log=log)
