@@ -228,9 +228,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model, root=args.weights)
     card = read_card(model_dir)
     threshold = card.get("threshold", 0.5) if args.threshold is None else args.threshold
+    cross_validated = card.get("split", {}).get("protocol") == "cross-validation"
     if args.data is None:
         table = pd.read_csv(model_dir / PREDICTIONS_FILE)
-        source = f"{model_dir / PREDICTIONS_FILE} (the test split recorded at training)"
+        source = (f"{model_dir / PREDICTIONS_FILE} (out-of-fold predictions of the cross-validation)" if cross_validated
+                  else f"{model_dir / PREDICTIONS_FILE} (the test split recorded at training)")
+    elif cross_validated:
+        _err(f"{model_dir.name} was trained by cross-validation on the whole dataset: it has no held-out split "
+             "to re-score. Drop --data to see its out-of-fold metrics.")
+        return EXIT_FAIL
     else:
         table = _rescore_split(model_dir, card, Path(args.data), args.split)
         source = f"{args.split} split of {args.data}, protocol {card['split']['protocol']}, re-scored now"

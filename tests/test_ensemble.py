@@ -173,3 +173,12 @@ def _png(pixels: np.ndarray) -> bytes:
     buf = BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_cli_evaluate_reads_out_of_fold_predictions_and_refuses_rescoring(ensemble_dir, tiny_dataset, capsys):
+    from mammo_core.cli import main
+
+    assert main(["evaluate", "--model", str(ensemble_dir)]) == 0
+    assert "out-of-fold" in capsys.readouterr().out
+    assert main(["evaluate", "--model", str(ensemble_dir), "--data", str(tiny_dataset)]) == 1
+    assert "no held-out split" in capsys.readouterr().err
