@@ -144,13 +144,15 @@ def _jet(values: np.ndarray) -> np.ndarray:
     return np.concatenate([r, g, b], axis=-1)
 
 
-def overlay(pixels: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
+def overlay(pixels: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.4, floor: float = 0.0) -> np.ndarray:
     """Blend a heatmap in the jet colormap over a grayscale image.
 
     Args:
         pixels: 2-D uint8 image (any size).
         heatmap: 2-D float heatmap in [0, 1] (any size; resized to the image).
         alpha: heatmap opacity in [0, 1].
+        floor: heatmap values below it are not drawn (the grey image shows there), so only the upper part
+            of the map tints the image; 0 draws it everywhere.
 
     Returns:
         (H, W, 3) uint8 RGB image the size of `pixels`.
@@ -159,10 +161,13 @@ def overlay(pixels: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.4) -> n
 
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be within [0, 1], got {alpha}")
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor must be within [0, 1], got {floor}")
     if heatmap.shape != pixels.shape:
         heatmap = np.asarray(
             Image.fromarray(heatmap.astype(np.float32), mode="F").resize(pixels.shape[::-1], Image.BILINEAR)
         )
     gray = np.repeat((pixels.astype(np.float32) / 255.0)[..., None], 3, axis=-1)
-    blended = (1.0 - alpha) * gray + alpha * _jet(heatmap)
+    weight = np.where(heatmap >= floor, alpha, 0.0)[..., None] if floor > 0 else alpha
+    blended = (1.0 - weight) * gray + weight * _jet(heatmap)
     return np.round(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)
