@@ -158,6 +158,11 @@ def _check_header(ds: "Dataset", label: str) -> Any:
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if samples not in (1, 3):
         raise ImageReadError(f"{label}: DICOM has {samples} samples per pixel; only 1 or 3 are supported.")
+    if samples == 1 and not photometric:
+        # A grey image without the tag: read it as MONOCHROME2 (the usual one) and say so in the metadata.
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.private_assumed_photometric = True  # a Python attribute, not a DICOM element: never written out
+        photometric = "MONOCHROME2"
     if samples == 1 and photometric not in (*_MONOCHROME, "PALETTE COLOR"):
         raise ImageReadError(
             f"{label}: DICOM photometric interpretation '{photometric or 'missing'}' is not supported "
@@ -375,5 +380,7 @@ def _metadata(ds: "Dataset", syntax: Any, voi: dict[str, Any]) -> dict[str, Any]
         "view_position": code("ViewPosition"),
         "laterality": code("ImageLaterality") or code("Laterality"),
     }
+    if getattr(ds, "private_assumed_photometric", False):
+        metadata["photometric_assumed"] = True
     metadata.update(voi)
     return metadata

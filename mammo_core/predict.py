@@ -261,7 +261,7 @@ class Predictor:
         if pred.error is None:
             pixels = pred.image.pixels
             prepared = prepare(pixels)  # its checks and outline serve every model
-            pred.warnings.extend(input_warnings(pixels, prepared))
+            pred.warnings.extend(input_warnings(pixels, prepared, pred.image.metadata))
             pred.outline, pred.original_shape = prepared.outline, tuple(pixels.shape[:2])
             if self.preprocessing == LEGACY:
                 pred.model_input = resize_for_model(pixels)
@@ -337,11 +337,15 @@ OOD_WARNING = ("This image looks unlike the mammograms the model was trained on 
                "the training images'); the score may be meaningless.")
 
 
-def input_warnings(pixels: np.ndarray, prepared: Any) -> list[str]:
+def input_warnings(pixels: np.ndarray, prepared: Any, metadata: dict[str, Any] | None = None) -> list[str]:
     """Cheap checks on a decoded image, as sentences a person can read (empty when nothing is wrong)."""
     if int(pixels.max()) - int(pixels.min()) < 8 or float(pixels.std()) < 2.0:
         return ["The image is almost uniform (all black, all white or one grey); it is not a mammogram."]
-    return list(prepared.warnings)
+    out = list(prepared.warnings)
+    if (metadata or {}).get("photometric_assumed"):
+        out.append("The DICOM file does not say whether low values are dark or bright (no Photometric "
+                   "Interpretation); it was read as MONOCHROME2. Check that the image is not inverted.")
+    return out
 
 
 def _decode(source: Source, name: str | None) -> Prediction:

@@ -108,3 +108,28 @@ def test_idempotent_on_dataset_cutouts():
         once = prepare(np.asarray(Image.open(f).convert("L"))).pixels
         again = prepare(once).pixels
         assert np.abs(again.astype(int) - once.astype(int)).max() <= 3, f.name
+
+
+@pytest.mark.parametrize("drop", ["PhotometricInterpretation", "ImageLaterality"])
+def test_full_field_dicom_without_tags_goes_through_the_same_path(tmp_path, tiny_weights, drop):
+    """A 12-bit full-field DICOM (breast against the right edge, a burned-in label) with a tag missing is
+    scored with the breast crop, its Grad-CAM drawn back onto the original frame."""
+    from mammo_core.predict import Predictor
+
+    from .test_dicom import make_dataset, write
+
+    image = full_field(chest_wall="right").astype(np.uint16) * 16  # 12-bit values
+    ds = make_dataset(image, ImageLaterality="R")
+    if hasattr(ds, drop):
+        delattr(ds, drop)
+    path = write(ds, tmp_path / "IM00001")
+    predictor = Predictor.load("tiny-grouped", root=tiny_weights)
+    assert predictor.preprocessing == PREPROCESSING_ID
+    pred = predictor.score_one(path, name="IM00001")
+    assert pred.error is None, pred.error
+    assert pred.geometry is not None and pred.geometry.flipped  # chest wall on the right -> flipped
+    assert not any("No breast" in w for w in pred.warnings)
+    assert any("MONOCHROME2" in w for w in pred.warnings) == (drop == "PhotometricInterpretation")
+    back = pred.heatmap_on_original()
+    assert back.shape == image.shape
+    assert np.array_equal(pred.model_input, prepare(pred.image.pixels).pixels)
