@@ -228,6 +228,34 @@ def set_active_model(name: str, root: str | Path | None = None, *, confirmed_by:
     atomic_write_text(root / ACTIVE_FILE, name + "\n")
 
 
+def delete_model(name: str, root: str | Path | None = None) -> None:
+    """Remove the model directory `name` (trained here, confirmed or unverified) and its manifest entry.
+
+    Refused with ModelDirError for a shipped model (its name is pinned in weights/MANIFEST.json), for
+    the active model (make another one active first) and for a name that is not a model folder here.
+    The folder is first renamed to a hidden name, so it disappears from every listing at once.
+    """
+    import shutil
+
+    root = Path(root) if root is not None else weights_dir()
+    path = root / name
+    if not name or name.startswith(".") or "/" in name or not path.is_dir():
+        raise ModelDirError(f"model {name!r} not found in {root}.")
+    if name in pinned_models():
+        raise ModelDirError(f"{name} is shipped with the app (pinned in {MANIFEST_FILE}); shipped models cannot be deleted.")
+    if active_model_name(root) == name:
+        raise ModelDirError(f"{name} is the active model; make another model active before deleting it.")
+    trash = root / f".deleted-{name}-{os.getpid()}"
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    with open(root / f"{LOCAL_MANIFEST_FILE}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        models = _read_manifest(root / LOCAL_MANIFEST_FILE)
+        if models.pop(name, None) is not None:
+            atomic_write_text(root / LOCAL_MANIFEST_FILE, json.dumps({"schema": 1, "models": models}, indent=2,
+                                                                     sort_keys=True) + "\n")
+
+
 def confirm_model(name: str, root: str | Path | None = None, *, confirmed_by: str) -> None:
     """An admin vouches for a hand-dropped model: record its (verified) sha256 as confirmed."""
     root = Path(root) if root is not None else weights_dir()
