@@ -1,6 +1,13 @@
-"""Helpers shared by the app's pages: sign-in and roles, the model choice, the cached model, the
-threshold control, cached tables, plain-text rendering of user strings and small card-reading
-utilities. Streamlit glue only; the work is in mammo_core (auth, registry, audit)."""
+"""What every page of the app shares: `setup()` (page config, styles, sign-in and roles, the navigation,
+the sidebar model selector, the research-use note), the model choice, the cached model, the threshold
+control, cached tables, plain-text rendering of user strings. Streamlit glue only; the work is in
+mammo_core (auth, registry, audit) and card reading in `appkit.cards`.
+
+The app follows Streamlit's pages-directory convention: `app.py` is Home and each file in `pages/` is a
+page (ordered and titled by its file name). Streamlit runs a page's file on its own, without app.py, so
+each page starts with `setup()`; the navigation is drawn here, from `PAGES`, so a reader's sidebar
+leaves out admin pages (which also refuse readers themselves, `require_admin`).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,33 @@ import streamlit as st
 from mammo_core import auth, registry
 from mammo_core.config import DEFAULT_THRESHOLD, weights_dir
 from mammo_core.errors import ModelDirError
+
+from . import cards
+
+APP_TITLE = "Mammogram research tool"
+ICON = Path(__file__).parent / "icon.png"  # shipped: the favicon never comes from a font server
+RESEARCH_NOTE = "Research use only — not for diagnosis."
+#: The pages in navigation order: (script, label, icon, admins only). Files in pages/ sort the same way.
+PAGES = [
+    ("app.py", "Home", ":material/home:", False),
+    ("pages/1_Review.py", "Review", ":material/search:", False),
+    ("pages/2_Metrics.py", "Metrics", ":material/monitoring:", False),
+    ("pages/3_Models.py", "Models", ":material/inventory_2:", False),
+    ("pages/4_Retrain.py", "Retrain", ":material/model_training:", True),
+]
+# Narrow windows (e.g. 800 px with the sidebar open): columns wrap onto new rows instead of squeezing,
+# metric values and table cells wrap instead of being cut with an ellipsis.
+CSS = """
+<style>
+@media (max-width: 1100px) {
+  [data-testid="stMain"] [data-testid="stHorizontalBlock"] { flex-wrap: wrap; row-gap: 0.5rem; }
+  [data-testid="stMain"] [data-testid="stColumn"] { min-width: min(100%, 300px) !important; flex: 1 1 300px !important; }
+}
+[data-testid="stMetricValue"] > div { white-space: normal !important; overflow-wrap: anywhere; }
+[data-testid="stTable"] { overflow-x: auto; }
+[data-testid="stTable"] td, [data-testid="stTable"] th { white-space: normal; overflow-wrap: anywhere; }
+</style>
+"""
 
 MODEL_KEY = "model_choice"  # the chosen model name (plain session state, kept across pages)
 USER_KEY = "auth_user"  # the signed-in auth.User (session state)
@@ -52,6 +86,34 @@ def keep_keras_state_between_reruns() -> None:
     clean_problem_modules_but_keras.keeps_keras = True  # type: ignore[attr-defined]
     clean_problem_modules_but_keras.__wrapped__ = original  # type: ignore[attr-defined]
     script_runner._clean_problem_modules = clean_problem_modules_but_keras
+
+
+def setup(page: str = "Home", *, admin_only: bool = False) -> auth.User:
+    """The first call of every page: page config, styles, sign-in (stops the page until someone is
+    signed in), the navigation for the user's role, the sidebar model selector and the research-use
+    note. With `admin_only`, a reader gets a refusal and the page stops (defence in depth: the
+    navigation already leaves the page out). Returns the signed-in user."""
+    st.set_page_config(page_title=f"{page} · {APP_TITLE}" if page != "Home" else APP_TITLE, page_icon=str(ICON),
+                       layout="wide", initial_sidebar_state="auto")
+    keep_keras_state_between_reruns()
+    st.html(CSS)
+    user = sign_in()
+    navigation(user)
+    model_selector()
+    user_panel(user)
+    st.sidebar.caption(RESEARCH_NOTE)
+    if admin_only:
+        require_admin(page)
+    return user
+
+
+def navigation(user: auth.User) -> None:
+    """Links to the pages this user may open (Streamlit's own list of pages/ is turned off in
+    .streamlit/config.toml, `client.showSidebarNavigation`, so that readers do not see admin pages)."""
+    for script, label, icon, admin in PAGES:
+        if user.is_admin or not admin:
+            st.sidebar.page_link(script, label=label, icon=icon)
+    st.sidebar.divider()
 
 
 def weights_root() -> Path:
@@ -110,7 +172,8 @@ def model_selector() -> str | None:
 
     st.sidebar.selectbox("Model", options, key=widget, format_func=lambda n: plain_label(labels[n]),
                          on_change=remember, placeholder="Pick a model", **extra,
-                         help="Models in the weights folder. 'Make active' on the Retrain page changes the default.")
+                         help="Models in the weights folder, for this session. The Models page changes the "
+                              "app's default (the active model).")
     return current
 
 
@@ -208,78 +271,169 @@ def operating_points(card: dict[str, Any]) -> list[dict[str, Any]]:
     return points
 
 
+CUSTOM, CARD = -2, -1  # operating-point choices besides the card's named points
+
+
 def threshold_control(card: dict[str, Any], model_name: str, *, where: str) -> float:
     """Operating-point selectbox (when the card has operating points) and a threshold slider.
 
-    The value is remembered per model across pages; it starts at the card's threshold.
+    The value is remembered per model across pages; it starts at the card's threshold. The selectbox
+    follows the slider: once the slider moves away from a named point it says "Custom". Under it, the
+    chosen point's sensitivity and specificity where it was chosen (validation or out-of-fold) and,
+    when the card has them, on the test split.
     """
     keep = f"threshold::{model_name}"
     widget = f"threshold_widget::{where}::{model_name}"
+    op_key = f"op::{where}::{model_name}"
     default = card_threshold(card)
     st.session_state.setdefault(keep, default)
     st.session_state[widget] = st.session_state[keep]
+    points = operating_points(card)
+
+    def matching(value: float) -> int:
+        for i, op in enumerate(points):
+            if abs(op["threshold"] - value) < 1e-9:
+                return i
+        return CARD if abs(value - default) < 1e-9 else CUSTOM
 
     def remember() -> None:
         st.session_state[keep] = st.session_state[widget]
 
-    points = operating_points(card)
     if points:
-        options = [-1, *range(len(points))]  # -1: the card's threshold (not None: no clear button)
+        options = [CARD, *range(len(points)), CUSTOM]
+        st.session_state[op_key] = matching(st.session_state[keep])
 
         def describe(i: int) -> str:
-            if i < 0:
+            if i == CARD:
                 return f"Card threshold ({default:.2f})"
-            op = points[i]
-            extra = ", ".join(f"{k} {op[k]:.2f}" for k in ("sensitivity", "specificity")
-                              if isinstance(op.get(k), (int, float)))
-            on = f", on {op['computed_on']}" if op.get("computed_on") else ""
-            return f"{op['name']} ({op['threshold']:.2f}{'; ' + extra if extra else ''}{on})"
+            if i == CUSTOM:
+                return f"Custom ({st.session_state[keep]:.2f}, set with the slider)"
+            return f"{points[i]['name']} ({points[i]['threshold']:.2f})"
 
         def apply_point() -> None:
-            i = st.session_state[f"op::{where}::{model_name}"]
-            st.session_state[keep] = default if i is None or i < 0 else points[i]["threshold"]
+            i = st.session_state[op_key]
+            if i == CUSTOM:
+                return
+            st.session_state[keep] = default if i is None or i == CARD else points[i]["threshold"]
             st.session_state[widget] = st.session_state[keep]
 
-        st.selectbox("Operating point", options, format_func=describe, key=f"op::{where}::{model_name}",
-                     on_change=apply_point, help="Named thresholds from the model card.")
+        st.selectbox("Operating point", options, format_func=describe, key=op_key, on_change=apply_point,
+                     help="Named thresholds from the model card; 'Custom' once the slider has moved.")
+        chosen = st.session_state[op_key]
+        if chosen >= 0:
+            st.caption(cards.operating_point_text(points[chosen]))
     st.slider("Decision threshold (malignant when probability ≥ threshold)", 0.0, 1.0, step=0.01,
               key=widget, on_change=remember)
     return float(st.session_state[keep])
 
 
-def protocol_short(card: dict[str, Any]) -> str:
-    protocol = (card.get("split") or {}).get("protocol") or (card.get("evaluation") or {}).get("protocol")
-    if protocol == "paper":
-        return "paper split (leaky)"
-    if protocol == "grouped":
-        by = (card.get("split") or {}).get("group_by") or "source"
-        return f"grouped split by {by}"
-    return "split unknown"
+protocol_short = cards.protocol_short
+fmt = cards.fmt
+created_date = cards.created_date
 
 
 def evaluation_note(card: dict[str, Any]) -> None:
-    """The card's evaluation note: a warning for the leaky paper split, info otherwise."""
+    """The card's evaluation note: a warning banner for the leaky paper split, info otherwise."""
     note = (card.get("evaluation") or {}).get("note")
-    protocol = (card.get("split") or {}).get("protocol")
-    if not note:
-        return
-    (st.warning if protocol == "paper" else st.info)(note, icon=":material/warning:" if protocol == "paper" else ":material/info:")
+    if cards.is_leaky(card):
+        st.warning(LEAKY_BANNER + (f" {note}" if note else ""), icon=":material/warning:")
+    elif note:
+        st.info(note, icon=":material/info:")
 
 
-def fmt(value: Any, spec: str = ".3f") -> str:
-    """Format a number, or an em dash for a missing/NaN value."""
-    if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
-        return format(value, spec)
-    return "—"
+LEAKY_BANNER = ("**Paper split (leaky): these numbers measure memorised copies.** Every test mammogram of this "
+                "model has augmented copies in its training set, so its scores say how well it recognises images it "
+                "has seen, not how it does on a new mammogram.")
 
 
-def created_date(card: dict[str, Any]) -> str:
-    return str(card.get("created", ""))[:10] or "unknown date"
+def honest_headline(card: dict[str, Any]) -> None:
+    """The numbers to trust first: cross-validated AUC with its 95 % interval, by source image and by
+    patient, with the single split beside them (or why there is none)."""
+    cv = cards.cross_validated(card)
+    single = cards.single_split(card)
+    cols = st.columns(3)
+    for col, key in zip(cols, cards.CV_KEYS):
+        by = cards.CV_KEYS[key]
+        if key in cv:
+            v = cv[key]
+            col.metric(f"Cross-validated AUC, by {by}", v["text"],
+                       help=f"Pooled out-of-fold AUC of {v['k'] or '?'}-fold cross-validation grouped by {by} "
+                            f"({v['n_groups'] or '?'} groups), with its 95 % bootstrap interval resampling "
+                            f"{by}s. Estimates performance on mammograms the model has never seen.")
+        else:
+            col.metric(f"Cross-validated AUC, by {by}", "—", help=f"This model's card has no cross-validation grouped by {by}.")
+    if single is not None:
+        cols[2].metric(f"Single split: test AUC", single["text"],
+                       help=f"One split ({single['label']}), {single['n'] or '?'} test images."
+                            + (" Leaky: inflated by memorised copies." if cards.is_leaky(card) else
+                               " Rests on few source images: see the interval of the cross-validation."))
+    else:
+        cols[2].metric("Single split", "none", help="Trained by cross-validation: every image was scored out-of-fold "
+                                                    "by the member that never saw it; there is no separate test split.")
 
 
 def show_warnings(warnings: list[str]) -> None:
     if warnings:
         st.warning(plain(" ".join(warnings)), icon=":material/warning:")
+
+
+# --- making a model the app's default ------------------------------------------------------------------
+
+ACTIVATE_ERROR = "activate_error"
+
+
+def make_active(name: str, confirm: bool = False) -> None:
+    """Button callback: make `name` the app's default and this session's choice (admins only);
+    `confirm` records the admin's confirmation of an unverified model. An error is kept for the page."""
+    user = current_user()
+    if not user.is_admin:
+        return
+    try:
+        registry.set_active_model(name, weights_root(), confirmed_by=user.name if confirm else None)
+    except ModelDirError as exc:
+        st.session_state[ACTIVATE_ERROR] = str(exc)
+        return
+    except OSError as exc:
+        st.session_state[ACTIVATE_ERROR] = registry.storage_error_message(exc, "the active-model marker")
+        return
+    choose_model(name)
+
+
+def show_activate_error() -> None:
+    if err := st.session_state.pop(ACTIVATE_ERROR, None):
+        st.error(f"Could not make the model active: {plain(err)}")
+
+
+def activate_control(name: str, card: dict[str, Any], *, where: str) -> bool:
+    """'Make active' for `name`: its honest numbers beside the active model's, and a confirmation when
+    it is worse or was evaluated on the leaky paper split. Returns True when `name` is already active."""
+    root = weights_root()
+    active = registry.active_model_name(root)
+    if active == name:
+        st.success(f"{plain(name)} is the active model (the app's default).", icon=":material/check_circle:")
+        return True
+    active_card = None
+    if active:
+        try:
+            active_card = registry.read_card(root / active)
+        except ModelDirError:
+            active_card = None
+    concerns = cards.activation_concerns(card, active_card, active)
+    mine, theirs = cards.cross_validated(card), cards.cross_validated(active_card or {})
+    lines = []
+    for key, by in cards.CV_KEYS.items():
+        lines.append(f"cross-validated AUC by {by}: {plain(name)} {mine.get(key, {}).get('text', '—')}"
+                     + (f", active {plain(active)} {theirs.get(key, {}).get('text', '—')}" if active_card else ""))
+    st.caption(" · ".join(lines))
+    confirmed = True
+    if concerns:
+        st.warning(f"Before making {plain(name)} the app's default: " + "; ".join(plain(c) for c in concerns) + ".",
+                   icon=":material/warning:")
+        confirmed = st.checkbox(f"Make {plain(name)} the default anyway", key=f"{where}_confirm_worse::{name}")
+    st.button(f"Make {plain(name)} the active model", key=f"{where}_activate::{name}", on_click=make_active,
+              args=(name,), type="primary", disabled=not confirmed,
+              help=f"The app's default model becomes {plain(name)}; {plain(active or 'the previous one')} stays on disk.")
+    return False
 
 
 # --- user strings are data, not markup ---------------------------------------------------------------
@@ -403,7 +557,7 @@ def _oidc_user(secrets: dict[str, Any]) -> auth.User:
 
 
 def current_user() -> auth.User:
-    """The user app.py signed in for this run (pages run after app.py's sign_in)."""
+    """The user `setup()` signed in for this run."""
     user = st.session_state.get(USER_KEY)
     if not isinstance(user, auth.User):
         st.error("Not signed in.")
@@ -412,11 +566,11 @@ def current_user() -> auth.User:
 
 
 def require_admin(what: str) -> auth.User:
-    """Stop the page unless the signed-in user is an admin (defence in depth: app.py already leaves
-    admin pages out of a reader's navigation)."""
+    """Stop the page unless the signed-in user is an admin (defence in depth: the navigation already
+    leaves admin pages out of a reader's sidebar, but a page URL can be opened directly)."""
     user = current_user()
     if not user.is_admin:
-        st.error(f"{what} is for administrators; you are signed in as a reader.", icon=":material/lock:")
+        st.error(f"The {what} page is for administrators; you are signed in as a reader.", icon=":material/lock:")
         st.stop()
     return user
 

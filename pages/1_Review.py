@@ -1,8 +1,10 @@
 """Review page: upload mammograms, get the probability of malignancy, the decision at a threshold and
-a Grad-CAM overlay; a triage worklist of the batch; every shown result goes to the audit log.
+a Grad-CAM overlay; a triage worklist of the batch; every scored image goes to the audit log once per
+model (at the threshold in use when it was first scored; moving the threshold is not logged).
 
 Uploaded bytes stay in memory. Predictions are cached in the session per (file sha256, model), so
-moving the threshold or the opacity never re-runs the model.
+moving the threshold or the opacity never re-runs the model. The uploader takes any file: whether it
+is an image the model can read is for `mammo_core.imaging` to say, with its message.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from collections import OrderedDict
 import pandas as pd
 import streamlit as st
 
+from appkit import cards, shared
 from mammo_core.errors import ModelDirError
-from app_pages import _shared as shared
 
-UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "dcm", "dicom"]
+shared.setup("Review")
+
 CACHE_KEY = "review_predictions"
 CACHE_LIMIT = 48  # predictions kept (with their decoded images); the current batch is never evicted
 
@@ -71,12 +74,13 @@ def _audit_log():
         return None
 
 
-def record_in_audit(log, predictor, file_id: str, pred, threshold: float, decision: str) -> int | None:
-    """Record a shown result once per upload + model + threshold; returns its row id."""
+def record_in_audit(log, predictor, pred, threshold: float, decision: str) -> int | None:
+    """Record a scored image once per image (its sha256) and model, at the threshold in use when it was
+    first shown; returns its row id. Later threshold changes are views, not new scores: not logged."""
     if log is None:
         return None
     recorded = st.session_state.setdefault("review_audited", {})
-    key = (file_id, predictor.model_sha256 or predictor.name, round(threshold, 4))
+    key = (pred.sha256, predictor.model_sha256 or predictor.name)
     if key not in recorded:
         try:
             recorded[key] = log.record(file_sha256=pred.sha256, file_name=pred.name, model_name=predictor.name,
@@ -124,17 +128,23 @@ def main() -> None:
         return
     shared.show_warnings(warnings)
     card = predictor.card
-    st.caption(f"Model **{shared.plain(predictor.name)}** · {shared.protocol_short(card)} · created {shared.created_date(card)} · "
-               f"test AUC {shared.fmt(((card.get('metrics') or {}).get('test') or {}).get('auc'))}")
+    honest = " · ".join(f"cross-validated AUC by {v['by']} {v['text']}" for v in cards.cross_validated(card).values())
+    single = cards.single_split(card)
+    st.caption(f"Model **{shared.plain(predictor.name)}** · {cards.protocol_short(card)} · created {cards.created_date(card)}"
+               + (f" · {honest}" if honest else "") + (f" · single split test AUC {single['text']}" if single else ""))
+    if cards.is_leaky(card):
+        st.warning(shared.LEAKY_BANNER, icon=":material/warning:")
 
     left, right = st.columns([2, 1])
     with left:
         threshold = shared.threshold_control(card, predictor.name, where="review")
     with right:
-        alpha = st.slider("Grad-CAM opacity", 0.0, 1.0, 0.4, 0.05, key="review_alpha")
+        alpha = st.slider("Grad-CAM opacity", 0.0, 1.0, 0.5, 0.05, key="review_alpha")
+        floor = st.slider("Grad-CAM drawn above (share of its peak)", 0.0, 0.95, 0.5, 0.05, key="review_floor",
+                          help="Only the upper part of the heat map is coloured; below it the grey image shows.")
 
-    uploads = st.file_uploader("Mammograms (PNG, JPEG, TIFF or DICOM); one or many", type=UPLOAD_TYPES,
-                               accept_multiple_files=True, key="review_uploads")
+    uploads = st.file_uploader("Mammograms, one or many: PNG, JPEG, TIFF, BMP or DICOM (a DICOM file may have no "
+                               "extension, e.g. IM00001)", type=None, accept_multiple_files=True, key="review_uploads")
     log = _audit_log()
     if not uploads:
         st.info("Upload one or more images to score them.")
@@ -143,16 +153,15 @@ def main() -> None:
 
     named = [(f.name, f.getvalue()) for f in uploads]
     results = score_uploads(predictor, named)
-    file_ids = [f.file_id for f in uploads]
 
     ok, rows = [], []
-    for (fname, pred), fid in zip(results, file_ids):
+    for fname, pred in results:
         if pred.error is not None:
             reason = pred.error.removeprefix(f"{fname}: ")  # the message already names the file
             st.error(f"{shared.plain(fname)} could not be scored: {shared.plain(reason)}")
             continue
         decision = predictor.decision(pred.probability, threshold)
-        row_id = record_in_audit(log, predictor, fid, pred, threshold, decision)
+        row_id = record_in_audit(log, predictor, pred, threshold, decision)
         ok.append((fname, pred, decision, row_id))
         interval = getattr(pred, "probability_interval", None)
         rows.append({"file": fname, "probability": round(pred.probability, 4),
@@ -179,7 +188,7 @@ def main() -> None:
     else:
         pick = 0
     fname, pred, decision, row_id = ok[pick]
-    show_prediction(fname, pred, decision, threshold, alpha)
+    show_prediction(fname, pred, decision, threshold, alpha, floor)
     if row_id is not None and log is not None:
         def save_note(row=row_id, key=f"note::{row_id}") -> None:
             try:
@@ -193,7 +202,7 @@ def main() -> None:
     audit_section(log)
 
 
-def show_prediction(fname: str, pred, decision: str, threshold: float, alpha: float) -> None:
+def show_prediction(fname: str, pred, decision: str, threshold: float, alpha: float, floor: float) -> None:
     """Probability (with the ensemble members' range), decision, warnings, and three panels: the original
     with the breast outline, the model's own input, the Grad-CAM overlay on the original."""
     from mammo_core.explain import overlay
@@ -218,14 +227,29 @@ def show_prediction(fname: str, pred, decision: str, threshold: float, alpha: fl
     pixels = fit_for_display(pred.image.pixels)
     ph, pw = pixels.shape
     model_view = pred.model_input if pred.model_input is not None else fit_for_display(pred.image.pixels, 224)
-    fig = image_triplet_figure(pixels, model_view, overlay(pixels, pred.heatmap_on_original(pixels.shape), alpha=alpha),
+    heat = pred.heatmap_on_original(pixels.shape)
+    fig = image_triplet_figure(pixels, model_view, overlay(pixels, heat, alpha=alpha, floor=floor),
                                outline=pred.outline_on(pixels.shape), height=int(min(640, max(360, 420 * ph / pw))))
+    add_colour_bar(fig, floor)
     st.plotly_chart(fig, key="review_figure",
                     config={"scrollZoom": True, "displaylogo": False})
     st.caption("Left: the original with the breast the model found. Middle: the model's own input (cropped, "
                "chest wall to the left, intensities normalised). Right: Grad-CAM drawn back onto the original. "
                "Drag to zoom (left and right follow each other), double-click to reset. Grad-CAM shows where the "
-               "network responded; it is not a lesion outline.")
+               f"network responded (coloured where it reaches {floor:.0%} of its peak); it is not a lesion outline.")
+
+
+def add_colour_bar(fig, floor: float) -> None:
+    """The Grad-CAM scale beside the figure: an invisible marker trace carrying the jet colour bar over the
+    drawn range [floor, 1] (Plotly images have no colour bar of their own)."""
+    import plotly.graph_objects as go
+
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", hoverinfo="skip", showlegend=False,
+                             marker=dict(colorscale="Jet", cmin=0.0, cmax=1.0, color=[floor], showscale=True,
+                                         colorbar=dict(title=dict(text=f"Grad-CAM (drawn ≥ {floor:.0%})", side="right"),
+                                                       thickness=12, len=0.9, tickvals=sorted({0.0, round(floor, 2), 1.0}),
+                                                       tickformat=".0%"))),
+                  row=1, col=3)
 
 
 main()

@@ -1,5 +1,7 @@
-"""Metrics page: ROC, confusion matrix and the paper's Table 1 for one or more models, from their cards
-and recorded test predictions (no dataset and no TensorFlow needed), following a threshold slider."""
+"""Metrics page: the honest numbers first (cross-validated AUC with its interval, by source image and by
+patient), then ROC, confusion matrix and the paper's Table 1 for one or more models, from their cards and
+recorded test (or out-of-fold) predictions, following a threshold slider. No dataset and no TensorFlow
+needed."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from mammo_core import evaluate, plots
 from mammo_core.calibration import brier
 from mammo_core.config import CLASS_NAMES, REPO_ROOT, data_dir
 from mammo_core.registry import HISTORY_FILE
-from app_pages import _shared as shared
+
+from appkit import cards, shared
+
+shared.setup("Metrics")
 
 GRID_SIZE = 12
 UNCALIBRATED = "probability_uncalibrated"  # column kept by mammo_core.calibration beside the calibrated one
@@ -32,17 +37,37 @@ def paper_table1() -> pd.DataFrame:
     return pd.DataFrame(rows).T
 
 
-def default_selection(names: list[str], cards: dict[str, dict], chosen: str | None) -> list[str]:
+def shown(table: pd.DataFrame) -> pd.DataFrame:
+    """Numbers as text with two decimals (support as a count): st.table draws HTML that wraps instead of
+    clipping at narrow widths."""
+    return table.apply(lambda col: col.map(lambda v: f"{int(v)}" if col.name == "support" else cards.fmt(v, ".2f")))
+
+
+def honest_table(data: list[tuple[str, dict]]) -> pd.DataFrame:
+    """One row per model: the cross-validated AUCs with their intervals, then the single split."""
+    rows = []
+    for name, card in data:
+        cv = cards.cross_validated(card)
+        single = cards.single_split(card)
+        rows.append({"model": name, "evaluated by": cards.protocol_short(card),
+                     "cross-validated AUC by source image [95 % CI]": cv.get("cross_validation", {}).get("text", "—"),
+                     "cross-validated AUC by patient [95 % CI]": cv.get("cross_validation_patient", {}).get("text", "—"),
+                     "single split test AUC": single["text"] if single else "none (cross-validated)"})
+    return pd.DataFrame(rows).set_index("model")
+
+
+def default_selection(names: list[str], card_of: dict[str, dict], chosen: str | None) -> list[str]:
     """The chosen model, plus the newest model with the other split protocol (to compare)."""
     first = chosen if chosen in names else names[0]
-    protocol = (cards[first].get("split") or {}).get("protocol")
-    other = next((n for n in names if (cards[n].get("split") or {}).get("protocol") not in (None, protocol)), None)
+    protocol = cards.protocol(card_of[first])
+    other = next((n for n in names if cards.protocol(card_of[n]) not in (None, protocol)), None)
     return [first] + ([other] if other else [])
 
 
 def why_they_differ(selected: list[tuple[str, dict]]) -> str:
     """One plain sentence per model on what its test set shares with training, and why that matters."""
     parts = []
+    leaky = [n for n, c in selected if cards.is_leaky(c)]
     for name, card in selected:
         split = card.get("split") or {}
         test = split.get("test") or {}
@@ -57,10 +82,14 @@ def why_they_differ(selected: list[tuple[str, dict]]) -> str:
                          f"{test.get('images', '?')} images of {test.get('source_images', '?')} source mammograms, "
                          f"{shared_n if shared_n is not None else '?'} of which are in its training set: its numbers "
                          "estimate performance on unseen mammograms, and rest on few of them.")
-    protocols = {(c.get("split") or {}).get("protocol") for _, c in selected}
-    if {"paper", "grouped"} <= protocols:
-        parts.append("So the two sets of numbers are not comparable: leaky copies flatter the paper split, "
-                     "and only the grouped split estimates how the model does on new mammograms.")
+        elif cards.is_cross_validated(card):
+            parts.append(f"**{shared.plain(name)}** ({cards.protocol_short(card)}) is scored out-of-fold: every image "
+                         "by the member that never saw its group. Its numbers estimate performance on unseen "
+                         "mammograms and use every image.")
+    if leaky and len(leaky) < len(selected):
+        which = "the paper-split model's numbers are" if len(leaky) == 1 else "the paper-split models' numbers are"
+        parts.append(f"So {which} not comparable with the others: leaky copies flatter the paper split, and only "
+                     "grouped splits and grouped cross-validation estimate how a model does on new mammograms.")
     return " ".join(parts)
 
 
@@ -125,15 +154,19 @@ def cross_validation(cv: dict[str, Any]) -> None:
                 f"grouped by {cv.get('group_by', '?')}")
     folds = cv.get("folds") or []
     if folds:
-        st.dataframe(pd.DataFrame(folds), hide_index=True)
+        table = pd.DataFrame(folds)
+        table = table[[c for c in table.columns if c in cards.FOLD_COLUMNS]].rename(columns=cards.FOLD_COLUMNS)
+        st.dataframe(table, hide_index=True, column_config={
+            c: st.column_config.NumberColumn(format="%.3f") for c in ("AUC", "accuracy", "sensitivity", "specificity",
+                                                                       "validation AUC", "temperature")})
     pooled = cv.get("pooled") or {}
     if pooled:
         rows = []
         for metric in ("auc", "accuracy", "sensitivity", "specificity"):
             ci = pooled.get(f"{metric}_ci") or [None, None]
-            rows.append({"metric": metric, "pooled": shared.fmt(pooled.get(metric)),
-                         "95% CI": f"{shared.fmt(ci[0])} – {shared.fmt(ci[1])}" if len(ci) == 2 else "—"})
-        st.dataframe(pd.DataFrame(rows), hide_index=True)
+            rows.append({"metric": "AUC" if metric == "auc" else metric, "pooled out-of-fold": shared.fmt(pooled.get(metric)),
+                         "95 % CI": f"{shared.fmt(ci[0])} – {shared.fmt(ci[1])}" if len(ci) == 2 else "—"})
+        st.table(pd.DataFrame(rows).set_index("metric"))
 
 
 def calibration_info(card: dict[str, Any]) -> None:
@@ -141,8 +174,12 @@ def calibration_info(card: dict[str, Any]) -> None:
     if not isinstance(cal, dict):
         return
     params = ", ".join(f"{k} = {shared.fmt(cal[k])}" for k in ("temperature", "a", "b") if k in cal)
+    if "temperatures" in cal and isinstance(cal["temperatures"], list):
+        params = "temperatures " + ", ".join(shared.fmt(t, ".2f") for t in cal["temperatures"])
+    where = "out-of-fold" if "brier_oof_before" in cal else "test"
     st.markdown(f"**Calibration in the card** — method: {cal.get('method', '?')}{' (' + params + ')' if params else ''}; "
-                f"Brier before {shared.fmt(cal.get('brier_test_before', cal.get('brier_oof_before')))}, after {shared.fmt(cal.get('brier_test_after', cal.get('brier_oof_after')))}; "
+                f"{where} Brier before {shared.fmt(cal.get('brier_test_before', cal.get('brier_oof_before')))}, "
+                f"after {shared.fmt(cal.get('brier_test_after', cal.get('brier_oof_after')))}; "
                 f"computed on {cal.get('computed_on', '?')}.")
 
 
@@ -153,18 +190,28 @@ def main() -> None:
         st.info("No trained model yet. Train one on the Retrain page.")
         return
     names = [e.name for e in entries]
-    cards = {e.name: e.card for e in entries}
+    cards_ = {e.name: e.card for e in entries}
     dirs = {e.name: e.path for e in entries}
     chosen = shared.chosen_model_name()
-    selected = st.multiselect("Models to compare", names, default=default_selection(names, cards, chosen),
+    selected = st.multiselect("Models to compare", names, default=default_selection(names, cards_, chosen),
                               key="metrics_models", help="All figures show every selected model.")
     if not selected:
         st.info("Choose at least one model.")
         return
     first = selected[0]
-    threshold = shared.threshold_control(cards[first], first, where="metrics")
+    threshold = shared.threshold_control(cards_[first], first, where="metrics")
     st.caption("The threshold applies to every model shown. Everything here is computed from each model's "
-               "recorded test predictions (test_predictions.csv); nothing is re-scored.")
+               "recorded test predictions (test_predictions.csv: out-of-fold predictions for cross-validated "
+               "models); nothing is re-scored.")
+
+    st.subheader("Honest numbers first")
+    st.table(honest_table([(n, cards_[n]) for n in selected]))
+    st.caption("Cross-validated AUC: pooled out-of-fold predictions of grouped k-fold cross-validation, with a 95 % "
+               "bootstrap interval that resamples source images (or patients), not copies. These estimate performance "
+               "on new mammograms; a single split rests on few source images, and the paper split is leaky.")
+    for n in selected:
+        if cards.is_leaky(cards_[n]):
+            st.warning(f"{shared.plain(n)}: " + shared.LEAKY_BANNER, icon=":material/warning:")
 
     data: list[tuple[str, dict, pd.DataFrame, dict]] = []
     for name in selected:
@@ -177,12 +224,13 @@ def main() -> None:
         except ValueError as exc:
             st.warning(f"{shared.plain(name)}: test predictions are unusable ({shared.plain(exc)}); it is left out.")
             continue
-        data.append((name, cards[name], table, m))
+        data.append((name, cards_[name], table, m))
     if not data:
         return
 
+    st.subheader(f"At threshold {threshold:.2f}")
     summary = pd.DataFrame([{
-        "model": n, "split": shared.protocol_short(c), "test images": m["n"],
+        "model": n, "evaluated on": f"{cards.test_label(c)} · {shared.protocol_short(c)}", "images": m["n"],
         "test source images": ((c.get("split") or {}).get("test") or {}).get("source_images"),
         "shared with training": ((c.get("split") or {}).get("shared_source_images") or {}).get("train-test"),
         "accuracy": m["accuracy"], "loss": m["loss"], "AUC": m["auc"],
@@ -195,10 +243,11 @@ def main() -> None:
 
     st.subheader("ROC curve")
     curves = []
-    for n, _, t, m in data:
+    for n, c, t, m in data:
         roc = evaluate.roc_points(t["label"], t["probability"])
         (tn, fp), (fn, tp) = m["confusion_matrix"]
-        curves.append({"label": n, "fpr": roc["fpr"], "tpr": roc["tpr"], "auc": m["auc"],
+        mark = " — paper split, LEAKY" if cards.is_leaky(c) else (" — out-of-fold" if cards.is_cross_validated(c) else "")
+        curves.append({"label": n + mark, "fpr": roc["fpr"], "tpr": roc["tpr"], "auc": m["auc"],
                        "point": (fp / (fp + tn) if fp + tn else 0.0, tp / (tp + fn) if tp + fn else 0.0)})
     st.plotly_chart(plots.roc_figure(curves, threshold=threshold), key="roc")
 
@@ -208,18 +257,16 @@ def main() -> None:
         st.markdown(f"**{shared.plain(n)}** · {shared.protocol_short(c)} · accuracy {m['accuracy']:.2%} · loss {m['loss']:.3f} · "
                     f"AUC {shared.fmt(m['auc'])}")
         is_paper = (c.get("split") or {}).get("protocol") == "paper"
-        cols = st.columns([1, 1.5, 1.2])
+        cols = st.columns([1, 1.3, 1.1] if is_paper else [1, 1.3])
         with cols[0]:
             st.plotly_chart(plots.confusion_figure(m["confusion_matrix"]), key=f"cm_{n}")
             st.caption(f"At threshold {threshold:.2f}: TN {tn} · FP {fp} · FN {fn} · TP {tp}")
         with cols[1]:
-            st.dataframe(table1(m), column_config={k: st.column_config.NumberColumn(format="%.2f")
-                                                   for k in ("precision", "recall", "f1-score")})
-            st.caption(f"This model at threshold {threshold:.2f}, on its test split.")
+            st.table(shown(table1(m)))
+            st.caption(f"This model at threshold {threshold:.2f}, on its {cards.test_label(c)} predictions.")
         if is_paper:
             with cols[2]:
-                st.dataframe(paper_table1(), column_config={k: st.column_config.NumberColumn(format="%.2f")
-                                                            for k in ("precision", "recall", "f1-score")})
+                st.table(shown(paper_table1()))
                 p = shared.PAPER_TABLE1
                 st.caption(f"The paper's reported Table 1 (paper split): accuracy {p['accuracy']:.2%}, "
                            f"loss {p['loss']:.2f}, AUC {p['auc']:.3f}. For reference only.")
@@ -253,17 +300,29 @@ def main() -> None:
                 points = shared.operating_points(c)
                 if points:
                     st.markdown("**Operating points**")
-                    st.dataframe(pd.DataFrame(points), hide_index=True)
+                    rows = []
+                    for op in points:
+                        row = {"operating point": op["name"], "threshold": cards.fmt(op["threshold"], ".2f")}
+                        for where, sens, spec in cards.operating_point_figures(op):
+                            row[f"{where} sensitivity"] = cards.fmt(sens, ".2f")
+                            row[f"{where} specificity"] = cards.fmt(spec, ".2f")
+                        rows.append(row)
+                    st.table(pd.DataFrame(rows).set_index("operating point"))
+                    st.caption(f"Chosen on {points[0].get('computed_on', 'validation')}.")
 
     with st.expander("Training curves"):
-        for n, _, _, _ in data:
+        for n, c, _, _ in data:
+            st.markdown(f"**{shared.plain(n)}**")
+            if cards.is_cross_validated(c):
+                st.caption("Trained by cross-validation, one member per fold: the per-fold results are in the "
+                           "cross-validation table above.")
+                continue
             try:
                 rows = pd.read_csv(dirs[n] / HISTORY_FILE).to_dict("records")
             except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
                 st.caption(f"{shared.plain(n)}: no history.csv")
                 continue
             st.plotly_chart(plots.history_figure(rows), key=f"history_{n}")
-            st.caption(shared.plain(n))
 
     st.subheader("Test images")
     n, c, t, _ = data[0]

@@ -1,11 +1,15 @@
-"""Retrain page (admins only): start a training run in a background process, follow it live, cancel
-it, make the new model the app's default, and confirm hand-dropped (unverified) models. Runs survive
-a page reload (see mammo_core.jobs). Training data comes only from the configured roots
+"""Retrain page (admins only): start a training run in a background process, follow it live (epochs, or
+the phase for the cross-validated ensemble, which has no per-epoch progress), cancel it within seconds,
+and make the new model the app's default (with the Models page's confirmation when it is worse). The
+form defaults to the recommended honest recipe and remembers the last run's settings. Runs survive a
+page reload (see mammo_core.jobs). Training data comes only from the configured roots
 (MAMMO_DATA_ROOTS); every user-supplied string is shown as plain text."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import re
 
 import pandas as pd
 import streamlit as st
@@ -17,7 +21,14 @@ from mammo_core.errors import MammoError
 from mammo_core.fast_training import PRECISIONS
 from mammo_core.model import ARCHITECTURES
 from mammo_core.train import training_in_progress
-from app_pages import _shared as shared
+
+from appkit import cards, shared
+
+shared.setup("Retrain", admin_only=True)
+
+#: The recommended honest recipe: the fine-tuned ensemble, trained by 5-fold grouped cross-validation.
+RECOMMENDED_ARCH = "efficientnet-lite0-ft"
+CANCEL_WAIT_S = 3.0  # SIGTERM, then SIGKILL after this: a killed run leaves only a hidden temporary folder
 
 PROTOCOL_HELP = {
     "grouped": "grouped: pool all images and re-split 50/25/25 so each source image (or patient) is on one side only (honest)",
@@ -28,36 +39,72 @@ STATE_TEXT = {"starting": "Preparing: reading and decoding the dataset…", "run
               "died": "Stopped unexpectedly"}
 
 
+def last_settings() -> dict:
+    """The settings of the newest run started here (the form's defaults after a reload), or {}."""
+    run = jobs.current_run(shared.weights_root())
+    return dict(run.config) if run is not None else {}
+
+
+def remembered_defaults() -> None:
+    """Fill the form's widgets once per session: the last run's settings, else the recommended recipe."""
+    if st.session_state.get("retrain_defaults_set"):
+        return
+    last = last_settings()
+    arch_names = sorted(ARCHITECTURES)
+    arch = last.get("architecture")
+    defaults = {
+        "retrain_data": last.get("data_dir") or str(data_dir() or ""),
+        "retrain_protocol": last.get("protocol") if last.get("protocol") in PROTOCOLS else "grouped",
+        "retrain_group_by": last.get("group_by") if last.get("group_by") in GROUP_BY else GROUP_BY[0],
+        "retrain_arch": arch if arch in arch_names else (RECOMMENDED_ARCH if RECOMMENDED_ARCH in arch_names else arch_names[0]),
+        "retrain_epochs": int(last.get("epochs") or DEFAULT_EPOCHS),
+        "retrain_batch": int(last.get("batch_size") or DEFAULT_BATCH_SIZE),
+        "retrain_seed": int(last.get("seed") if last.get("seed") is not None else DEFAULT_SEED),
+        "retrain_precision": last.get("precision") if last.get("precision") in PRECISIONS else "auto",
+    }
+    for key, value in defaults.items():
+        st.session_state.setdefault(key, value)
+    st.session_state["retrain_defaults_set"] = True
+
+
 def start_form() -> None:
     from mammo_core.train import TrainConfig
 
     st.session_state.setdefault("retrain_name", f"model-{dt.datetime.now():%Y%m%d-%H%M}")
+    remembered_defaults()
+    if st.session_state.get("retrain_arch") != RECOMMENDED_ARCH and RECOMMENDED_ARCH in ARCHITECTURES:
+        st.button(f"Use the recommended recipe ({RECOMMENDED_ARCH})", key="retrain_recommended",
+                  on_click=lambda: st.session_state.update(retrain_arch=RECOMMENDED_ARCH, retrain_protocol="grouped"))
     with st.form("train_form"):
         roots = ", ".join(str(r) for r in jobs.data_roots()) or "none configured (set MAMMO_DATA_ROOTS)"
-        folder = st.text_input("Dataset folder", value=str(data_dir() or ""), key="retrain_data",
+        folder = st.text_input("Dataset folder", key="retrain_data",
                                help="Class folders (benign/, malignant/) or split folders (train/, val/, test/) "
                                     f"holding them, inside a training data folder of this server: {roots}. "
                                     "Defaults to $MAMMO_DATA_DIR.")
         c1, c2, c3 = st.columns(3)
-        protocol = c1.selectbox("Split protocol", PROTOCOLS, index=PROTOCOLS.index("grouped"), key="retrain_protocol",
+        protocol = c1.selectbox("Split protocol", PROTOCOLS, key="retrain_protocol",
                                 format_func=lambda p: PROTOCOL_HELP.get(p, p).split(":")[0])
         group_by = c2.selectbox("Group by (grouped protocol)", GROUP_BY, key="retrain_group_by",
                                 help="source: every augmented copy of a mammogram stays together; patient: every "
                                      "mammogram of a patient (needs the dataset's patients.csv).")
         arch_names = sorted(ARCHITECTURES)
         arch = c3.selectbox("Architecture", arch_names, key="retrain_arch",
-                            index=arch_names.index("paper-cnn") if "paper-cnn" in arch_names else 0,
+                            format_func=lambda a: a + (" (recommended)" if a == RECOMMENDED_ARCH else ""),
                             help="; ".join(f"{a.name}: {a.description}" for a in ARCHITECTURES.values()))
         c4, c5, c6, c7 = st.columns(4)
-        epochs = c4.number_input("Epochs", 1, 500, DEFAULT_EPOCHS, key="retrain_epochs")
-        batch = c5.number_input("Batch size", 1, 1024, DEFAULT_BATCH_SIZE, key="retrain_batch")
-        seed = c6.number_input("Seed", 0, 2**31 - 1, DEFAULT_SEED, key="retrain_seed")
+        epochs = c4.number_input("Epochs", 1, 500, key="retrain_epochs",
+                                 help=f"Not used by {RECOMMENDED_ARCH}: its recipe picks each member's epoch itself.")
+        batch = c5.number_input("Batch size", 1, 1024, key="retrain_batch")
+        seed = c6.number_input("Seed", 0, 2**31 - 1, key="retrain_seed")
         precision = c7.selectbox("Arithmetic (paper-cnn)", PRECISIONS, key="retrain_precision",
                                  help="auto: bfloat16 convolutions on a CPU with native bfloat16 (about 2x faster "
                                       "training, same network), else float32. Other architectures always train in "
                                       "float32, and prediction always runs in float32.")
         name = st.text_input("Model name (a new folder under weights/; never overwrites one)", key="retrain_name")
-        st.caption(PROTOCOL_HELP["grouped"] + ". " + PROTOCOL_HELP["paper"] + ".")
+        st.caption(f"**{RECOMMENDED_ARCH}** (recommended) trains by 5-fold cross-validation grouped by the 'Group by' "
+                   "choice; the split protocol does not apply to it, and the model is the ensemble of the five fold "
+                   "models, with out-of-fold metrics. It takes long on a CPU. " + PROTOCOL_HELP["grouped"] + ". "
+                   + PROTOCOL_HELP["paper"] + ".")
         submitted = st.form_submit_button("Start training", type="primary")
     if not submitted:
         return
@@ -97,7 +144,7 @@ def live_status() -> None:
         show_progress(run)
         if st.button("Cancel training", key=f"cancel_{run.run_id}"):
             with st.spinner("Cancelling…"):
-                run = jobs.cancel(run)
+                run = jobs.cancel(run, timeout=CANCEL_WAIT_S)
             st.warning(f"Training of {shared.plain(run.model)} cancelled; no model was written.")
         return
     if st.session_state.get("retrain_watching") == run.run_id:
@@ -114,10 +161,48 @@ def live_status() -> None:
             st.code(jobs.log_tail(run, lines=30) or "(empty)")
 
 
+PHASES = [  # (text in the run's log, what the page says): the last one found is the current phase
+    ("decoding", "Preparing: reading and decoding the dataset…"),
+    ("trunk activations", "Computing the backbone's activations (cached for every fold)…"),
+    ("member ", "Cross-validation: fitting the fold models…"),
+    ("fold ", "Cross-validation: fitting and scoring the fold models…"),
+    ("out-of-fold", "Writing the ensemble, its card and out-of-fold predictions…"),
+    ("test:", "Saving the model…"),
+]
+
+
+def phase(run: jobs.Run) -> str:
+    """What the run is doing now, in words, from its progress and its log: the ensemble recipe writes no
+    per-epoch progress, and after the last epoch a run still evaluates, calibrates and saves."""
+    p = run.progress
+    if run.state == "running" and p.get("epochs") and int(p.get("epoch") or 0) >= int(p["epochs"]) \
+            and len(p.get("history") or []) >= int(p["epochs"]):
+        return "Evaluating on the test split, calibrating and saving the model…"
+    tail = jobs.log_tail(run, lines=40).lower()
+    found, where = STATE_TEXT["starting"], -1
+    for needle, text in PHASES:
+        at = tail.rfind(needle)
+        if at > where:
+            found, where = text, at
+    if (m := re.findall(r"fold (\d+)", tail)) and "Cross-validation" in found:
+        k = int((run.config or {}).get("folds") or 5)
+        found += f" (fold {int(m[-1]) + 1} of {k})"
+    return found
+
+
 def show_progress(run: jobs.Run) -> None:
     p = run.progress
-    if run.state == "starting":
-        st.progress(0.0, text=STATE_TEXT["starting"])
+    elapsed = ""
+    with contextlib.suppress(ValueError):
+        seconds = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(run.started)).total_seconds()
+        elapsed = f" · {seconds / 60:.0f} min elapsed" if seconds >= 60 else f" · {seconds:.0f} s elapsed"
+    if run.state == "starting" or not p.get("epochs"):
+        st.progress(0.0 if run.state == "starting" and not p else 0.5, text=phase(run) + elapsed)
+        st.caption("This recipe reports phases, not epochs." if (run.config or {}).get("architecture") == RECOMMENDED_ARCH
+                   else "")
+        return
+    if (text := phase(run)).startswith("Evaluating"):
+        st.progress(1.0, text=text + elapsed)
         return
     logs = p.get("logs") or {}
     metrics = " · ".join(f"{k} {v:.3f}" for k, v in logs.items() if k in ("loss", "accuracy"))
@@ -138,92 +223,46 @@ def show_finished(run: jobs.Run) -> None:
         st.error(f"The run finished but its model cannot be read: {shared.plain(exc)}")
         return
     test = (card.get("metrics") or {}).get("test") or {}
+    where = cards.test_label(card).capitalize()
     cols = st.columns(5)
-    for col, (label, key) in zip(cols, [("Test accuracy", "accuracy"), ("Test AUC", "auc"), ("Test loss", "loss"),
+    for col, (label, key) in zip(cols, [(f"{where} accuracy", "accuracy"), (f"{where} AUC", "auc"), (f"{where} loss", "loss"),
                                         ("Sensitivity", "sensitivity"), ("Specificity", "specificity")]):
         col.metric(label, shared.fmt(test.get(key)))
     st.caption(f"{card.get('architecture', '?')} · {shared.protocol_short(card)} · "
                f"{(card.get('training') or {}).get('epochs', '?')} epoch(s) · threshold {shared.card_threshold(card):.2f}")
     shared.evaluation_note(card)
     rows = jobs.history_rows(run)
-    if rows:
+    if rows and not cards.is_cross_validated(card):
         st.plotly_chart(plots.history_figure(rows), key="retrain_final_curves")
-    active = registry.active_model_name(root)
-    try:
-        pinned = (root / registry.ACTIVE_FILE).read_text(encoding="utf-8").strip()
-    except OSError:
-        pinned = None
-    if pinned == name and shared.chosen_model_name() == name:
-        st.success(f"{shared.plain(name)} is the active model (the app's default).")
-    else:
-        st.button(f"Make {shared.plain(name)} the active model", key=f"activate_{name}", on_click=make_active, args=(name,),
-                  type="primary", help=f"The app's default model becomes {shared.plain(name)}; "
-                                       f"{shared.plain(active or 'the previous one')} stays on disk.")
+    if (root / name).is_dir():
+        shared.activate_control(name, card, where="retrain")
     with st.expander("Model card"):
         st.json(card, expanded=False)
 
 
-def make_active(name: str, confirm: bool = False) -> None:
-    """Make `name` the default; `confirm` records the admin's confirmation of an unverified model."""
-    user = shared.current_user()
-    if not user.is_admin:
-        return
-    try:
-        registry.set_active_model(name, shared.weights_root(), confirmed_by=user.name if confirm else None)
-    except MammoError as exc:
-        st.session_state["retrain_activate_error"] = str(exc)
-        return
-    except OSError as exc:
-        st.session_state["retrain_activate_error"] = registry.storage_error_message(exc, "the active-model marker")
-        return
-    shared.choose_model(name)
-    st.rerun()  # the button sits in a fragment: escalate to a full-app rerun so the sidebar follows
-
-
-def models_on_disk() -> None:
-    root = shared.weights_root()
-    entries = registry.list_models(root)
-    if not entries:
-        return
-    active = registry.active_model_name(root)
-    with st.expander(f"Models on disk ({len(entries)})"):
-        st.dataframe(pd.DataFrame([{
-            "model": e.name, "active": "✓" if e.name == active else "", "created": e.created[:19].replace("T", " "),
-            "architecture": e.card.get("architecture"), "split": shared.protocol_short(e.card) if e.card else "",
-            "test AUC": ((e.card.get("metrics") or {}).get("test") or {}).get("auc"), "trust": e.trust,
-            "problem": e.problem or ""} for e in entries]), hide_index=True)
-    unverified = [e for e in entries if e.problem is None and not e.trusted]
-    if unverified:
-        st.warning(f"{len(unverified)} model folder(s) were not shipped with the app nor trained here (for example "
-                   "copied in by hand). They are not offered for scoring until an administrator confirms them.",
-                   icon=":material/gpp_maybe:")
-        pick = st.selectbox("Unverified model", [e.name for e in unverified], key="retrain_unverified")
-        if st.checkbox(f"I confirm that {shared.plain(pick)} comes from a trusted source and may become the app's default model",
-                       key=f"retrain_confirm::{pick}"):
-            st.button(f"Confirm {shared.plain(pick)} and make it active", key=f"confirm_{pick}", on_click=make_active,
-                      args=(pick, True))
-    runs = jobs.list_runs(root)
+def runs_list() -> None:
+    runs = jobs.list_runs(shared.weights_root())
     if runs:
         with st.expander(f"Training runs ({len(runs)})"):
             st.dataframe(pd.DataFrame([{"run": r.run_id, "model": r.model, "state": r.state,
+                                        "architecture": (r.config or {}).get("architecture", ""),
                                         "started": r.started.replace("T", " ")[:19],
                                         "note": r.error or ""} for r in runs]), hide_index=True)
 
 
 def main() -> None:
-    shared.require_admin("Retraining")
     st.title("Retrain")
     st.caption("Training runs in a separate process: this page stays usable, and a reload or another tab "
-               "finds the run again. One training at a time; existing models are never overwritten.")
-    if err := st.session_state.pop("retrain_activate_error", None):
-        st.error(f"Could not make the model active: {shared.plain(err)}")
+               "finds the run again. One training at a time; existing models are never overwritten. The Models "
+               "page lists every model and makes one the app's default.")
+    shared.show_activate_error()
     latest = jobs.current_run(shared.weights_root())
     if latest is not None and not latest.active and st.session_state.get("retrain_watching") == latest.run_id:
         del st.session_state["retrain_watching"]  # this full run shows the run's end (see live_status)
     start_form()
     st.subheader("Current run")
     live_status()
-    models_on_disk()
+    runs_list()
 
 
 main()

@@ -1,5 +1,6 @@
 """The Streamlit app driven headlessly with streamlit.testing (AppTest): every page renders without
-an exception, Review scores uploads, Metrics follows the threshold, Retrain trains and activates."""
+an exception, Review scores uploads, Metrics follows the threshold, Models activates (with a
+confirmation for a worse or leaky model) and deletes, Retrain trains and activates."""
 
 from __future__ import annotations
 
@@ -42,10 +43,14 @@ def app_env(monkeypatch, tmp_path, tiny_dataset):
     return use
 
 
+PAGES = {"review": "pages/1_Review.py", "metrics": "pages/2_Metrics.py", "models": "pages/3_Models.py",
+         "retrain": "pages/4_Retrain.py"}
+
+
 def start(page: str | None = None) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     if page:
-        at.switch_page(f"app_pages/{page}.py").run()
+        at.switch_page(PAGES[page]).run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 
@@ -65,10 +70,12 @@ def test_home_shows_intended_use_and_model_in_use(app_env, tiny_weights):
     at = start()
     assert any("not a diagnostic device" in e.value for e in at.error)
     assert at.subheader[0].value == "Model in use: tiny-grouped"
-    assert metric(at, "Split protocol") == "grouped"
     assert any("Grouped split by source" in c.value for c in at.caption)
     auc = json.loads((tiny_weights / "tiny-grouped" / "card.json").read_text())["metrics"]["test"]["auc"]
-    assert metric(at, "Test AUC") == f"{auc:.3f}"
+    assert metric(at, "Single split: test AUC") == f"{auc:.3f}"
+    assert metric(at, "Cross-validated AUC, by source image") == "—"  # the tiny card has no cross-validation
+    assert [link.label.split(":")[0] for link in at.sidebar.get("page_link")] == [
+        "Home", "Review", "Metrics", "Models", "Retrain"]  # local mode: admin
     assert any("Grouped split" in i.value for i in at.info)  # the card's honest-evaluation note
     assert at.sidebar.selectbox[0].value == "tiny-grouped"
 
@@ -117,11 +124,16 @@ def test_review_scores_uploads_and_threshold_does_not_rescore(app_env, tiny_weig
     from mammo_core.audit import AuditLog, default_audit_path
 
     rows = AuditLog(default_audit_path()).recent()
-    assert {(r["file_name"], r["threshold"], r["decision"]) for r in rows} == {
-        ("scan.png", 0.5, "malignant" if prob >= 0.5 else "benign"), ("scan.png", 0.0, "malignant"),
-        ("scan.png", 1.0, "benign")}
+    # One row per scored image and model, at the threshold it was first shown with; views at other thresholds are not scores.
+    assert [(r["file_name"], r["threshold"], r["decision"]) for r in rows] == [
+        ("scan.png", 0.5, "malignant" if prob >= 0.5 else "benign")]
+    at.sidebar.selectbox[0].set_value("tiny-paper").run()
+    no_exception(at)
+    assert [r["model_name"] for r in AuditLog(default_audit_path()).recent()] == ["tiny-paper", "tiny-grouped"]
+    at.sidebar.selectbox[0].set_value("tiny-grouped").run()
     at.text_input[0].input("second reader agrees").run()
-    assert AuditLog(default_audit_path()).recent(limit=1)[0]["reviewer_note"] == "second reader agrees"
+    [row] = [r for r in AuditLog(default_audit_path()).recent() if r["model_name"] == "tiny-grouped"]
+    assert row["reviewer_note"] == "second reader agrees"
 
 
 def test_reruns_keep_keras_and_the_tensorflow_kernel_cache(app_env, tiny_weights, sample_png, monkeypatch):
@@ -170,7 +182,13 @@ def test_metrics_threshold_changes_confusion_matrix_and_compares_models(app_env,
     app_env(tiny_weights)
     at = start("metrics")
     assert at.multiselect(key="metrics_models").value == ["tiny-grouped", "tiny-paper"]
-    assert any("not comparable: leaky copies flatter the paper split" in m.value for m in at.markdown)
+    assert any("not comparable with the others: leaky copies flatter the paper split" in m.value for m in at.markdown)
+    honest = at.table[0].value
+    assert list(honest.index) == ["tiny-grouped", "tiny-paper"]
+    assert honest.columns[1].startswith("cross-validated AUC by source image")
+    assert any("tiny-paper" in w.value and "memorised copies" in w.value for w in at.warning)
+    roc = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    assert any(t["name"].startswith("tiny-paper — paper split, LEAKY") for t in roc)
     assert any("paper's reported Table 1" in c.value for c in at.caption)
     assert len(at.get("plotly_chart")) >= 5  # ROC, 2 confusion matrices, 2 histograms, reliability
 
@@ -188,7 +206,8 @@ def test_metrics_threshold_changes_confusion_matrix_and_compares_models(app_env,
     assert all(re.search(r"FP 0 · FN \d+ · TP 0", c) for c in at_one), at_one
     assert at_zero != at_one
     # Table 1 follows the threshold too: at 1.0 nothing is called malignant, so its recall is 0.
-    assert at.dataframe[1].value.loc["malignant", "recall"] == 0.0
+    [table1] = [t.value for t in at.table if "support" in t.value.columns][:1]
+    assert table1.loc["malignant", "recall"] == "0.00"
     # The dataset is available (MAMMO_DATA_DIR), so the Figure-4-like grid of test images shows.
     assert len(at.image) == 12
 
@@ -198,7 +217,8 @@ def test_metrics_shows_card_extras_and_operating_points(app_env, tiny_weights_co
     card_path = tiny_weights_copy / "tiny-grouped" / "card.json"
     card = json.loads(card_path.read_text())
     card["operating_points"] = [{"name": "high sensitivity", "threshold": 0.2, "sensitivity": 0.95,
-                                 "specificity": 0.4, "computed_on": "validation split"}]
+                                 "specificity": 0.4, "test_sensitivity": 0.9, "test_specificity": 0.3,
+                                 "computed_on": "validation split"}]
     card["calibration"] = {"method": "temperature", "temperature": 1.7, "brier_test_before": 0.24,
                            "brier_test_after": 0.2, "computed_on": "validation split"}
     card["cross_validation"] = {"protocol": "grouped", "k": 5, "group_by": "source",
@@ -216,11 +236,20 @@ def test_metrics_shows_card_extras_and_operating_points(app_env, tiny_weights_co
     assert any("before calibration" in chart.proto.spec for chart in at.get("plotly_chart"))
     assert any("Cross-validation" in m.value and "k = 5" in m.value for m in at.markdown)
     assert any("Calibration in the card" in m.value and "temperature" in m.value for m in at.markdown)
+    assert at.table[0].value.loc["tiny-grouped", "cross-validated AUC by source image [95 % CI]"] == "0.600 [0.500, 0.700]"
     op = at.selectbox(key="op::metrics::tiny-grouped")
     op.set_value(0).run()
     no_exception(at)
     assert at.slider(key="threshold_widget::metrics::tiny-grouped").value == pytest.approx(0.2)
     assert any(c.value.startswith("At threshold 0.20") for c in at.caption)
+    # both figures of the point: where it was chosen and on the test split
+    assert any(c.value.startswith("high sensitivity (0.20): validation sens 0.95 / spec 0.40 · test sens 0.90 / spec 0.30")
+               for c in at.caption), [c.value for c in at.caption]
+    at.slider(key="threshold_widget::metrics::tiny-grouped").set_value(0.37).run()
+    op = at.selectbox(key="op::metrics::tiny-grouped")
+    assert op.value == -2 and op.options[-1].startswith("Custom (0.37")  # "Custom" once the slider moved
+    folds = next(d.value for d in at.dataframe if "test groups" in d.value.columns)
+    assert "n_groups" not in folds.columns and "AUC" in folds.columns
 
 
 def test_broken_model_is_reported_and_never_swapped(app_env, tiny_weights_copy, sample_png):
@@ -234,7 +263,7 @@ def test_broken_model_is_reported_and_never_swapped(app_env, tiny_weights_copy, 
                and "Pick another model" in w.value for w in at.warning), [w.value for w in at.warning]
     assert at.subheader[0].value == "Model in use"
     assert not any("tiny-paper" in s.value for s in at.subheader)
-    at.switch_page("app_pages/review.py").run()
+    at.switch_page(PAGES["review"]).run()
     no_exception(at)
     assert any("tiny-grouped" in e.value and "choose a model in the sidebar" in e.value for e in at.error)
     assert not at.file_uploader  # nothing is scored with a model the user did not choose
@@ -264,10 +293,11 @@ def test_unverified_model_is_not_offered_until_an_admin_confirms_it(app_env, tin
     registry.write_card(root / "dropped", card)
     at = start()
     assert "dropped" not in at.sidebar.selectbox[0].options
-    at.switch_page("app_pages/retrain.py").run()
+    at.switch_page(PAGES["models"]).run()
     no_exception(at)
     assert any("not shipped with the app nor trained here" in w.value for w in at.warning)
-    at.checkbox(key="retrain_confirm::dropped").check().run()
+    assert at.table[0].value.loc["dropped", "status"] == "unverified"
+    at.checkbox(key="models_confirm::dropped").check().run()
     [button] = [b for b in at.button if b.label == "Confirm dropped and make it active"]
     button.click().run()
     no_exception(at)
@@ -279,10 +309,10 @@ def test_pages_without_any_model_explain_instead_of_failing(app_env, tmp_path):
     app_env(tmp_path / "empty-weights")
     at = start()
     assert any("No usable model" in i.value for i in at.info)
-    at.switch_page("app_pages/review.py").run()
+    at.switch_page(PAGES["review"]).run()
     no_exception(at)
     assert any("No trained model yet" in i.value for i in at.info)
-    at.switch_page("app_pages/metrics.py").run()
+    at.switch_page(PAGES["metrics"]).run()
     no_exception(at)
     assert any("No trained model yet" in i.value for i in at.info)
 
@@ -296,13 +326,16 @@ def test_retrain_form_trains_in_background_and_make_active(app_env, tiny_weights
     assert at.selectbox(key="retrain_precision").value == "auto"
     at.selectbox(key="retrain_precision").set_value("float32")
     at.text_input(key="retrain_name").set_value("ui-model")
-    at.button[0].click().run()  # the form's Start button
+    start_button = lambda: next(b for b in at.button if b.label == "Start training")  # noqa: E731
+    assert at.selectbox(key="retrain_arch").value == "efficientnet-lite0-ft"  # the recommended recipe by default
+    at.selectbox(key="retrain_arch").set_value("paper-cnn")
+    start_button().click().run()
     no_exception(at)
     assert any("ui-model" in s.value and "started" in s.value for s in at.success), [e.value for e in at.error]
 
     # A second start while the first runs is refused with an explanation.
     at.text_input(key="retrain_name").set_value("ui-model-2")
-    at.button[0].click().run()
+    start_button().click().run()
     assert any("already in progress" in e.value for e in at.error)
 
     run = jobs.current_run(root)
@@ -315,12 +348,160 @@ def test_retrain_form_trains_in_background_and_make_active(app_env, tiny_weights
     assert registry.read_card(root / "ui-model")["training"]["computation"]["precision"] == "float32"
     make_active = [b for b in at.button if b.label == "Make ui-model the active model"]
     assert make_active, [b.label for b in at.button]
+    if make_active[0].disabled:  # its grouped-split AUC is below the active model's: confirm first
+        at.checkbox(key="retrain_confirm_worse::ui-model").check().run()
+        make_active = [b for b in at.button if b.label == "Make ui-model the active model"]
     make_active[0].click().run()
     no_exception(at)
     assert registry.active_model_name(root) == "ui-model"
     assert at.session_state["model_choice"] == "ui-model"  # the sidebar's model selectbox
     assert start().subheader[0].value == "Model in use: ui-model"  # a new session starts on the new default
     assert (root / "tiny-grouped").is_dir(), "the previous model must stay on disk"
+    # A reload (new session) remembers the last run's settings.
+    fresh = start("retrain")
+    assert fresh.selectbox(key="retrain_arch").value == "paper-cnn"
+    assert fresh.number_input(key="retrain_epochs").value == 1 and fresh.number_input(key="retrain_batch").value == 8
+
+
+# --- both kinds of card, and the Models page --------------------------------------------------------------
+
+def _cv(auc: float, lo: float, hi: float, by: str = "source") -> dict:
+    return {"protocol": f"5-fold CV grouped by {by}", "k": 5, "group_by": by,
+            "folds": [{"fold": i, "auc": auc, "accuracy": 0.6, "n_images": 10, "n_groups": 2, "minutes": 1.0,
+                       "l2": 0.001, "candidates": [{"l2": 0.001}]} for i in range(5)],
+            "pooled": {"auc": auc, "auc_ci": [lo, hi], "accuracy": 0.6, "n_groups": 10}}
+
+
+def add_model(root, name: str, *, like: str = "tiny-grouped", **card_fields) -> dict:
+    """A copy of a tiny model under a new name, its card changed, recorded as trained here."""
+    import shutil
+
+    shutil.copytree(root / like, root / name)
+    card = registry.read_card(root / name)
+    card.update(name=name, created=f"2030-01-0{len(list(root.iterdir())) % 9 + 1}T00:00:00+00:00", **card_fields)
+    registry.write_card(root / name, card)
+    registry.record_model(root, name, card["model_sha256"])
+    return card
+
+
+def add_ensemble_like(root, name: str = "tiny-ensemble") -> dict:
+    """A model directory with the card of a cross-validated ensemble (`mammo_core.ensemble.train_ensemble_into`):
+    no single split, out-of-fold metrics and predictions (with a fold column), per-member temperatures, OOD."""
+    preds = pd.read_csv(root / "tiny-grouped" / registry.PREDICTIONS_FILE)
+    card = add_model(root, name, split={"protocol": "cross-validation", "group_by": "source", "seed": 0, "k": 5},
+                     ensemble={"members": 5, "temperatures": [1.1] * 5, "interval": "range of the members"},
+                     ood={"threshold": 50.0},
+                     calibration={"method": "temperature per member", "temperatures": [1.1] * 5,
+                                  "computed_on": "each member's validation part", "brier_oof_before": 0.25,
+                                  "brier_oof_after": 0.22},
+                     operating_points=[{"name": "Youden's J", "threshold": 0.45, "sensitivity": 0.7,
+                                        "specificity": 0.6, "test_sensitivity": None, "test_specificity": None,
+                                        "computed_on": "out-of-fold predictions"}],
+                     evaluation={"note": "Out-of-fold: every image was scored by the member that never saw it."},
+                     cross_validation=_cv(0.81, 0.7, 0.9), cross_validation_patient=_cv(0.72, 0.6, 0.84, "patient"))
+    preds["fold"] = [i % 5 for i in range(len(preds))]
+    preds.to_csv(root / name / registry.PREDICTIONS_FILE, index=False)
+    return card
+
+
+def test_every_page_handles_a_cross_validated_ensemble_card(app_env, tiny_weights_copy, sample_png):
+    root = app_env(tiny_weights_copy)
+    add_ensemble_like(root)
+    registry.set_active_model("tiny-ensemble", root)
+    at = start()
+    assert metric(at, "Cross-validated AUC, by source image") == "0.810 [0.700, 0.900]"
+    assert metric(at, "Cross-validated AUC, by patient") == "0.720 [0.600, 0.840]"
+    assert metric(at, "Single split") == "none"
+    assert any("5-fold cross-validation by source image" in c.value and "out-of-fold" in c.value for c in at.caption)
+    at.switch_page(PAGES["review"]).run()
+    no_exception(at)
+    assert any("cross-validated AUC by source image 0.810 [0.700, 0.900]" in c.value for c in at.caption)
+    at.selectbox(key="op::review::tiny-ensemble").set_value(0).run()
+    assert any(c.value == "Youden's J (0.45): out-of-fold sens 0.70 / spec 0.60" for c in at.caption)
+    at.file_uploader[0].set_value(("scan.png", sample_png, "image/png")).run()
+    no_exception(at)
+    assert metric(at, "Decision at threshold 0.45") in ("benign", "malignant")
+    at.switch_page(PAGES["metrics"]).run()
+    no_exception(at)
+    roc = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    assert any(t["name"].startswith("tiny-ensemble — out-of-fold") for t in roc)
+    assert at.table[0].value.loc["tiny-ensemble", "single split test AUC"] == "none (cross-validated)"
+    assert any("out-of-fold Brier before 0.250" in m.value for m in at.markdown)
+    at.switch_page(PAGES["models"]).run()
+    no_exception(at)
+    row = at.table[0].value.loc["tiny-ensemble (active)"]
+    assert row["CV AUC by patient [95 % CI]"] == "0.720 [0.600, 0.840]" and row["status"] == "verified (trained here)"
+    at.switch_page(PAGES["retrain"]).run()
+    no_exception(at)
+
+
+def test_models_page_confirms_a_worse_or_leaky_model_and_deletes_only_user_models(app_env, tiny_weights_copy,
+                                                                                monkeypatch):
+    root = app_env(tiny_weights_copy)
+    card = registry.read_card(root / "tiny-grouped")
+    card["cross_validation"] = _cv(0.70, 0.6, 0.8)
+    registry.write_card(root / "tiny-grouped", card)  # the active model
+    add_model(root, "worse", cross_validation=_cv(0.55, 0.45, 0.65))
+    add_model(root, "better", cross_validation=_cv(0.80, 0.7, 0.9))
+    at = start("models")
+    no_exception(at)
+    assert set(at.table[0].value.index) == {"tiny-grouped (active)", "tiny-paper", "worse", "better"}
+
+    def activate_button():
+        return next(b for b in at.button if b.label.startswith("Make ") and b.label.endswith("the active model"))
+
+    # A worse model: its numbers beside the active model's, and the button waits for a confirmation.
+    at.selectbox(key="models_pick").set_value("worse").run()
+    assert any("lower than 0.700 for the active model tiny-grouped" in w.value for w in at.warning)
+    assert activate_button().disabled
+    at.checkbox(key="models_confirm_worse::worse").check().run()
+    activate_button().click().run()
+    no_exception(at)
+    assert registry.active_model_name(root) == "worse"
+    assert at.session_state["model_choice"] == "worse"
+    # The leaky paper-split model always asks.
+    at.selectbox(key="models_pick").set_value("tiny-paper").run()
+    assert any("paper split" in w.value and "memorised copies" in w.value for w in at.warning)
+    assert activate_button().disabled
+    # A better one does not; and back to the first model.
+    at.selectbox(key="models_pick").set_value("better").run()
+    assert not activate_button().disabled
+    at.selectbox(key="models_pick").set_value("tiny-grouped").run()
+    activate_button().click().run()
+    assert registry.active_model_name(root) == "tiny-grouped"
+
+    # Delete: a model trained here goes; the active one and shipped ones (pinned in MANIFEST.json) cannot.
+    at.selectbox(key="models_pick").set_value("worse").run()
+    next(b for b in at.button if b.label == "Delete worse").click().run()
+    no_exception(at)
+    assert not (root / "worse").exists() and "worse" not in registry.local_models(root)
+    assert any("worse was deleted" in s.value for s in at.success)
+    monkeypatch.setattr(registry, "pinned_models", lambda: {"tiny-paper": {"model_sha256": "x"}})
+    at.selectbox(key="models_pick").set_value("tiny-paper").run()
+    assert not any(b.label == "Delete tiny-paper" for b in at.button)
+    assert any("cannot be deleted" in c.value for c in at.caption)
+    with pytest.raises(registry.ModelDirError, match="shipped"):
+        registry.delete_model("tiny-paper", root)
+    with pytest.raises(registry.ModelDirError, match="active model"):
+        registry.delete_model("tiny-grouped", root)
+    # Compare: the cards side by side.
+    at.multiselect(key="models_compare").set_value(["tiny-grouped", "better"]).run()
+    compared = at.table[-1].value
+    assert list(compared.columns) == ["tiny-grouped", "better"]
+    assert compared.loc["CV AUC by source image [95 % CI]", "better"] == "0.800 [0.700, 0.900]"
+
+
+def test_reader_sees_models_but_cannot_change_them(app_env, tiny_weights, monkeypatch):
+    from mammo_core import auth
+
+    app_env(tiny_weights)
+    monkeypatch.setattr(auth, "local_user", lambda: auth.User("rita", "reader", "local"))
+    at = start("models")
+    no_exception(at)
+    assert at.table[0].value.shape[0] == 2
+    assert not any(b.label.startswith("Make ") or b.label.startswith("Delete") for b in at.button)
+    at.switch_page(PAGES["retrain"]).run()
+    assert any("for administrators" in e.value for e in at.error) and not at.get("form")
 
 
 # --- figure builders used by the pages (mammo_core.plots) ---------------------------------------

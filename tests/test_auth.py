@@ -208,9 +208,9 @@ def test_reader_gets_review_and_metrics_but_not_retrain_or_the_full_export(app_w
     at = _login("rita", "reader-pass")
     assert any("Signed in as rita · reader" in c.value for c in at.sidebar.caption)
     assert not any("Retrain" in link.label for link in at.get("page_link"))
-    with pytest.raises(ValueError, match="Could not find a navigation page"):  # not in a reader's navigation
-        at.switch_page("app_pages/retrain.py")
-    at.switch_page("app_pages/review.py").run()
+    at.switch_page("pages/4_Retrain.py").run()  # a direct link: the page itself refuses a reader
+    assert any("for administrators" in e.value for e in at.error) and not at.get("form")
+    at.switch_page("pages/1_Review.py").run()
     assert not at.exception
     at.file_uploader[0].set_value(("scan.png", sample_png, "image/png")).run()
     rows = AuditLog(app_with_login).recent()
@@ -224,7 +224,7 @@ def test_reader_gets_review_and_metrics_but_not_retrain_or_the_full_export(app_w
 
 def test_reader_cannot_open_retrain_even_by_running_it(app_with_login):
     at = _login("rita", "reader-pass")
-    page = AppTest.from_file(str(REPO_ROOT / "app_pages" / "retrain.py"), default_timeout=TIMEOUT)
+    page = AppTest.from_file(str(REPO_ROOT / "pages" / "4_Retrain.py"), default_timeout=TIMEOUT)
     page.session_state["auth_user"] = at.session_state["auth_user"]
     page.run()
     assert any("for administrators" in e.value for e in page.error)
@@ -238,9 +238,9 @@ def test_admin_gets_retrain_and_the_full_export(app_with_login, sample_png):
     at = _login("ada", "admin-pass")
     assert any("Signed in as ada · admin" in c.value for c in at.sidebar.caption)
     assert any("Retrain" in link.label for link in at.get("page_link"))
-    at.switch_page("app_pages/retrain.py").run()
+    at.switch_page("pages/4_Retrain.py").run()
     assert not at.exception and at.get("form")
-    at.switch_page("app_pages/review.py").run()
+    at.switch_page("pages/1_Review.py").run()
     at.file_uploader[0].set_value(("scan.png", sample_png, "image/png")).run()
     assert "Download the full audit log (CSV)" in [b.label for b in at.get("download_button")]
     [recent] = [d.value for d in at.dataframe if "user" in d.value.columns]

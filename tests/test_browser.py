@@ -1,8 +1,15 @@
-"""One real-browser check: `streamlit run app.py` on a loopback port, headless Chromium (Debian's
-/usr/bin/chromium, driven by Playwright for Python) uploads an image on Review and reads the
-probability. Skipped, with the reason, when Chromium or Playwright is missing.
+"""Real-browser checks: `streamlit run app.py` on a loopback port, headless Chromium (Debian's
+/usr/bin/chromium, driven by Playwright for Python).
 
-The screenshot goes to $MAMMO_ARTIFACTS_DIR (default: a pytest tmp folder) as review.png.
+- Every page's URL opened directly, a page URL first on a fresh server (Streamlit's pages-directory
+  convention must not fall back to a page without the shared setup): each renders fully, with the
+  sidebar model selector, at 1280 px and 800 px wide; no text in the main tables or metrics is clipped;
+  nothing is fetched from outside the machine (the page icon is shipped).
+- Review: an upload shows the probability, the three panels and the error of an unreadable file.
+- Models: making the leaky model active asks for a confirmation; then back to the first model.
+
+Screenshots go to $MAMMO_ARTIFACTS_DIR (default: a pytest tmp folder): <page>-<width>.png, review.png,
+models.png. Skipped, with the reason, when Chromium or Playwright is missing.
 """
 
 from __future__ import annotations
@@ -19,9 +26,14 @@ from pathlib import Path
 
 import pytest
 
+from mammo_core import registry
 from mammo_core.config import REPO_ROOT
 
 CHROMIUM = os.environ.get("MAMMO_CHROMIUM", "/usr/bin/chromium")
+WIDTHS = (1280, 800)
+#: URL path of each page (Streamlit derives it from the file name in pages/) and a text it must show.
+PAGES = {"Review": "Upload one or more images", "Metrics": "Honest numbers first", "Models": "Compare",
+         "Retrain": "Start training", "": "Model in use"}
 
 pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -51,11 +63,13 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 @pytest.fixture
-def server(tiny_weights, tmp_path):
+def server(tiny_weights_copy, tmp_path):
+    """A fresh `streamlit run app.py` on a free loopback port, on a private copy of the tiny models."""
     port = _free_port()
-    env = {**os.environ, "MAMMO_WEIGHTS_DIR": str(tiny_weights), "MAMMO_AUDIT_DB": str(tmp_path / "audit.sqlite3"),
+    env = {**os.environ, "MAMMO_WEIGHTS_DIR": str(tiny_weights_copy), "MAMMO_AUDIT_DB": str(tmp_path / "audit.sqlite3"),
            "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("MAMMO_DATA_DIR", None)
+    for name in ("MAMMO_DATA_DIR", "MAMMO_AUTH_FILE", "MAMMO_NETWORK"):
+        env.pop(name, None)
     log = open(tmp_path / "streamlit.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address",
@@ -65,7 +79,7 @@ def server(tiny_weights, tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc, timeout=90)
-        yield url
+        yield url, tiny_weights_copy
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -84,32 +98,125 @@ def artifacts_dir(tmp_path) -> Path:
     return path
 
 
-def test_review_upload_in_a_real_browser(server, sample_png, tmp_path, artifacts_dir):
+@pytest.fixture
+def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python package) is not installed")
-    image = tmp_path / "scan.png"
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM,
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def _new_page(browser, width: int, outside: list[str]):
+    page = browser.new_page(viewport={"width": width, "height": 1000})
+    page.set_default_timeout(120_000)
+    page.on("request", lambda r: outside.append(r.url)
+            if not re.match(r"^(https?|wss?)://127\.0\.0\.1[:/]|^(data|blob):", r.url) else None)
+    return page
+
+
+# Elements of the main area whose text is cut (wider content than box, with hidden overflow or an ellipsis).
+CLIPPED_JS = """
+() => {
+  const out = [];
+  const main = document.querySelector('[data-testid=stMain]');
+  const boxes = main.querySelectorAll('[data-testid=stTable] th, [data-testid=stTable] td, ' +
+                                      '[data-testid=stMetricValue] div, [data-testid=stMetricLabel] p');
+  for (const el of boxes) {
+    if (el.scrollWidth > el.clientWidth + 1) out.push(el.innerText.slice(0, 60));
+  }
+  for (const t of main.querySelectorAll('[data-testid=stTable]')) {
+    if (t.scrollWidth > t.clientWidth + 1) out.push('table wider than its box: ' + t.innerText.slice(0, 40));
+  }
+  return out;
+}
+"""
+
+
+def _screenshot(page, path: Path) -> None:
+    """The whole page: Streamlit scrolls inside its main area, so the window is made as tall as the content."""
+    width = page.viewport_size["width"]
+    height = page.evaluate("() => document.querySelector('[data-testid=stMain]').scrollHeight")
+    page.set_viewport_size({"width": width, "height": min(max(height, 600), 8000)})
+    time.sleep(0.5)
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size({"width": width, "height": 1000})
+
+
+def _wait_rendered(page, text: str) -> None:
+    page.locator("[data-testid=stMain]", has_text=text).first.wait_for()
+    page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')", timeout=120_000)
+    time.sleep(0.5)
+
+
+def test_every_page_url_opens_directly_at_both_widths(server, browser, artifacts_dir):
+    url, _ = server
+    outside: list[str] = []
+    for width in WIDTHS:
+        page = _new_page(browser, width, outside)
+        for path, text in PAGES.items():  # /Review first: a fresh server's first visitor opens a deep link
+            page.goto(f"{url}/{path}")
+            _wait_rendered(page, text)
+            name = path or "Home"
+            _screenshot(page, artifacts_dir / f"{name.lower()}-{width}.png")
+            assert not page.locator("[data-testid=stException]").count(), f"{name} shows an exception"
+            # the shared setup ran: the sidebar model selector, our navigation and the research-use note
+            sidebar = page.locator("[data-testid=stSidebar]")
+            assert sidebar.locator("[data-testid=stSelectbox]").count() == 1, name
+            assert sidebar.locator("[data-testid=stPageLink]").count() == 5, name
+            assert "Research use only" in sidebar.inner_text(), name
+            assert not page.locator("[data-testid=stSidebarNav]").count(), "Streamlit's raw page list is shown"
+            clipped = page.evaluate(CLIPPED_JS)
+            assert not clipped, f"{name} at {width} px: clipped text {clipped}"
+        page.close()
+    assert not outside, f"requests left the machine: {outside[:5]}"
+
+
+def test_review_upload_and_models_activation_in_a_real_browser(server, browser, sample_png, tmp_path, artifacts_dir):
+    url, weights = server
+    image = tmp_path / "IM00001"  # no extension, like a PACS export: the uploader takes it, the reader decides
     image.write_bytes(sample_png)
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(b"this is not a DICOM file")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.set_default_timeout(120_000)
-            page.goto(server + "/review")
-            page.wait_for_selector("[data-testid=stFileUploaderDropzoneInput]", state="attached")
-            page.set_input_files("[data-testid=stFileUploaderDropzoneInput]", [str(image), str(broken)])
-            label = page.locator("[data-testid=stMetric]", has_text="Probability of malignancy")
-            value = label.locator("[data-testid=stMetricValue]").inner_text()
-            page.locator("[data-testid=stAlertContentError]", has_text="broken.dcm").wait_for()
-            page.locator(".js-plotly-plot").first.wait_for()
-            time.sleep(1)  # let the figure finish drawing before the screenshot
-            page.screenshot(path=str(artifacts_dir / "review.png"), full_page=True)
-            assert not page.locator("[data-testid=stException]").count(), "the page shows an exception"
-            # app.py ran (not Streamlit's legacy pages/ mode): its sidebar model selector is there.
-            assert page.locator("[data-testid=stSidebar] [data-testid=stSelectbox]").count() == 1
-        finally:
-            browser.close()
+    outside: list[str] = []
+    page = _new_page(browser, 1280, outside)
+    page.goto(url + "/Review")
+    page.wait_for_selector("[data-testid=stFileUploaderDropzoneInput]", state="attached")
+    page.set_input_files("[data-testid=stFileUploaderDropzoneInput]", [str(image), str(broken)])
+    label = page.locator("[data-testid=stMetric]", has_text="Probability of malignancy")
+    value = label.locator("[data-testid=stMetricValue]").inner_text()
+    page.locator("[data-testid=stAlertContentError]", has_text="broken.dcm").wait_for()
+    page.locator(".js-plotly-plot").first.wait_for()
+    time.sleep(1)  # let the figure finish drawing before the screenshot
+    _screenshot(page, artifacts_dir / "review.png")
+    assert not page.locator("[data-testid=stException]").count(), "the page shows an exception"
+    titles = page.locator(".js-plotly-plot .annotation-text").evaluate_all("els => els.map(e => e.textContent)")
+    assert {"Original, breast outlined", "What the model saw", "Grad-CAM on the original"} <= set(titles), titles
+    assert page.locator(".js-plotly-plot .colorbar").count() == 1  # the Grad-CAM scale
     assert re.fullmatch(r"[01]\.\d{3}", value.strip()), value
-    assert 0.0 <= float(value) <= 1.0
-    assert (artifacts_dir / "review.png").stat().st_size > 10_000
+    assert not page.evaluate(CLIPPED_JS)
+
+    # Models: the leaky paper-split model needs a confirmation before it becomes the default; then back.
+    page.goto(url + "/Models")
+    _wait_rendered(page, "Compare")
+    page.get_by_role("combobox", name="Model", exact=True).last.click()
+    page.get_by_role("option", name="tiny-paper").click()
+    page.locator("[data-testid=stAlertContentWarning]", has_text="memorised copies").wait_for()
+    button = page.get_by_role("button", name="Make tiny-paper the active model")
+    assert button.is_disabled()
+    page.get_by_text("Make tiny-paper the default anyway").click()
+    page.wait_for_function("() => [...document.querySelectorAll('button')].some("
+                           "b => b.innerText.includes('Make tiny-paper the active model') && !b.disabled)")
+    button.click()
+    page.locator("[data-testid=stAlertContentSuccess]", has_text="tiny-paper is the active model").wait_for()
+    assert registry.active_model_name(weights) == "tiny-paper"
+    _screenshot(page, artifacts_dir / "models.png")
+    page.get_by_role("combobox", name="Model", exact=True).last.click()
+    page.get_by_role("option", name="tiny-grouped").click()
+    page.get_by_role("button", name="Make tiny-grouped the active model").click()
+    page.locator("[data-testid=stAlertContentSuccess]", has_text="tiny-grouped is the active model").wait_for()
+    assert registry.active_model_name(weights) == "tiny-grouped"
+    assert not outside, outside[:5]

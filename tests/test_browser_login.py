@@ -1,6 +1,6 @@
 """Real-browser checks of a shared server: `streamlit run app.py` with a users file and MAMMO_NETWORK=1
 on a loopback port; headless Chromium (Playwright) signs in through the real login form as a reader,
-finds no Retrain page, and uploads an image whose file name is Markdown: it must show as plain text
+finds no Retrain link (and the page refuses a reader when its URL is opened directly), and uploads an image whose file name is Markdown: it must show as plain text
 (no link, no remote image), and the audit row must carry the user and a masked name. Skipped, with
 the reason, when Chromium or Playwright is missing."""
 
@@ -81,13 +81,19 @@ def test_reader_signs_in_and_file_names_render_as_plain_text(shared_server, samp
             page.get_by_role("textbox", name="Password").fill("wrong")
             page.get_by_role("button", name="Sign in").click()
             page.locator("[data-testid=stAlertContentError]", has_text="Wrong user name or password").wait_for()
-            assert not page.locator("[data-testid=stSidebarNav]").count()
+            assert not page.locator("[data-testid=stSidebar] [data-testid=stPageLink]").count()
             page.get_by_role("textbox", name="Password").fill("reader-pass")
             page.get_by_role("button", name="Sign in").click()
             page.locator("[data-testid=stSidebar]", has_text="Signed in as rita").wait_for()
-            nav = page.locator("[data-testid=stSidebarNav]").inner_text()
-            assert "Review" in nav and "Metrics" in nav and "Retrain" not in nav
-            page.locator("[data-testid=stSidebarNav] a", has_text="Review").click()
+            nav = " ".join(page.locator("[data-testid=stSidebar] [data-testid=stPageLink]").all_inner_texts())
+            assert "Review" in nav and "Metrics" in nav and "Models" in nav and "Retrain" not in nav
+            page.goto(url + "/Retrain")  # a direct link (a new session: sign in again); the page refuses a reader
+            page.get_by_role("textbox", name="User name").fill("rita")
+            page.get_by_role("textbox", name="Password").fill("reader-pass")
+            page.get_by_role("button", name="Sign in").click()
+            page.locator("[data-testid=stAlertContentError]", has_text="for administrators").wait_for()
+            assert not page.locator("[data-testid=stForm]").count()
+            page.locator("[data-testid=stSidebar] [data-testid=stPageLink] a", has_text="Review").click()
             page.wait_for_selector("[data-testid=stFileUploaderDropzoneInput]", state="attached")
             page.set_input_files("[data-testid=stFileUploaderDropzoneInput]", [str(upload)])
             page.locator("[data-testid=stMetric]", has_text="Probability of malignancy").wait_for()
