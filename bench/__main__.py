@@ -99,7 +99,8 @@ def functional_copy(model):
 
 def bench_latency(predictor, files: list[Path], n: int) -> dict:
     from mammo_core.explain import find_last_conv_layer
-    from mammo_core.imaging import load_for_model
+    from mammo_core.imaging import load_image
+    from mammo_core.preprocessing import model_input
 
     blobs = [f.read_bytes() for f in files[:n]]
     predictor.score_one(blobs[0], name="warm")
@@ -120,7 +121,7 @@ def bench_latency(predictor, files: list[Path], n: int) -> dict:
     base = []
     for b in blobs[: max(10, n // 4)]:  # the baseline is slow; fewer runs suffice for its percentiles
         t = time.perf_counter()
-        x = load_for_model(b).astype(np.float32)[None, ..., None] / 255.0
+        x = model_input(load_image(b).pixels, predictor.preprocessing).astype(np.float32)[None, ..., None] / 255.0
         x = np.repeat(x, predictor.channels, axis=-1)
         recipe_model.predict(x, verbose=0)
         keras_io_gradcam(x, recipe_model, layer)

@@ -82,6 +82,14 @@ def default_patient_map(root: str | Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def patient_map_for(root: str | Path, group_by: str, given: str | None) -> str | None:
+    """The patient map a run uses: the one given, else (grouping by patient) the dataset's own."""
+    if given is not None or group_by != "patient":
+        return given
+    found = default_patient_map(root)
+    return str(found) if found else None
+
+
 def scan_dataset(root: str | Path, *, patient_map: str | Path | None = None) -> pd.DataFrame:
     """Index a dataset folder without decoding images.
 

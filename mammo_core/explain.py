@@ -22,11 +22,7 @@ _CONV_TYPES = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D")
 
 
 def find_last_conv_layer(model: Any) -> str:
-    """Name of the last layer whose output is a 4-D feature map produced by a convolution.
-
-    A model may name its preferred layer in `model.cam_layer` (e.g. an activation after the last
-    convolution); otherwise the last Conv2D-like layer is taken.
-    """
+    """Name of the last Conv2D-like layer (used when the model card names no Grad-CAM layer)."""
     for layer in reversed(model.layers):
         if type(layer).__name__ in _CONV_TYPES:
             return layer.name
@@ -113,7 +109,7 @@ class GradCAM:
         import tensorflow as tf
 
         self.model = model
-        self.layer_name = layer_name or getattr(model, "cam_layer", None) or find_last_conv_layer(model)
+        self.layer_name = layer_name or find_last_conv_layer(model)
         self._body, self._head = _split_model(model, self.layer_name)
         shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else tuple(model.input_shape[1:])
         self.input_shape = shape

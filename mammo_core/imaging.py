@@ -385,11 +385,3 @@ def resize_for_model(pixels: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
-def preprocess(pixels: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """2-D uint8 image -> (size, size, 1) float32 in [0, 1], exactly what the model was trained on."""
-    return (resize_for_model(pixels, size).astype(np.float32) / 255.0)[..., None]
-
-
-def load_for_model(source: Source, *, name: str | None = None) -> np.ndarray:
-    """Shortcut: decode and resize to a (IMAGE_SIZE, IMAGE_SIZE) uint8 array."""
-    return resize_for_model(load_image(source, name=name).pixels)

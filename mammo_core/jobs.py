@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .procs import pid_running
 from .config import REPO_ROOT, data_dir, weights_dir
 from .errors import DatasetError, ModelDirError, TrainingBusyError
 from .registry import atomic_write_text, storage_error_message
@@ -178,8 +179,10 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _pid_alive(pid: int, progress_path: Path | None = None) -> tuple[bool, int | None]:
-    """(alive, returncode if known). Guards against pid reuse by checking the command line."""
+def _run_alive(pid: int, progress_path: Path | None = None) -> tuple[bool, int | None]:
+    """Is this training run's process alive: (alive, returncode if known). A child of ours is polled;
+    another process must be running (`procs.pid_running`), ours, and still have the run's progress file
+    on its command line (guards against pid reuse)."""
     child = _CHILDREN.get(pid)
     if child is not None:
         code = child.poll()
@@ -187,16 +190,11 @@ def _pid_alive(pid: int, progress_path: Path | None = None) -> tuple[bool, int |
             return True, None
         _CHILDREN.pop(pid, None)
         return False, code
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False, None
-    except PermissionError:  # exists, owned by someone else: not ours
+    if not pid_running(pid):
         return False, None
     proc = Path("/proc") / str(pid)
     with contextlib.suppress(OSError):
-        stat = (proc / "stat").read_text()
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z":  # zombie: exited, not yet reaped
+        if proc.stat().st_uid != os.getuid():  # exists, owned by someone else: not ours
             return False, None
     if progress_path is not None:
         with contextlib.suppress(OSError):
@@ -227,7 +225,7 @@ def load_run(run_dir: str | Path) -> Run | None:
         progress_path=Path(rec.get("progress_path", run_dir / PROGRESS_FILE)),
         root=Path(rec.get("root", run_dir.parent.parent)),
     )
-    alive, code = _pid_alive(run.pid, run.progress_path)
+    alive, code = _run_alive(run.pid, run.progress_path)
     run.returncode = code if code is not None else rec.get("returncode")
     run.progress = _read_json(run.progress_path)
     reported = run.progress.get("state")
@@ -298,15 +296,14 @@ def start_training(config: Any, root: str | Path | None = None, *, check_dataset
     layout (DatasetError) before launching, so mistakes show at once. Raises TrainingBusyError when
     a run is already in progress. Returns the new Run.
     """
-    from .data import default_patient_map, scan_dataset
+    from .data import patient_map_for, scan_dataset
     from .train import training_in_progress
 
     root = Path(root) if root is not None else weights_dir()
     root = root.resolve()
     config.data_dir = str(resolve_training_data(config.data_dir, data_roots_))
-    if config.group_by == "patient" and not config.patient_map and config.protocol == "grouped":
-        found = default_patient_map(config.data_dir)
-        config.patient_map = str(found) if found else None
+    if config.protocol == "grouped":
+        config.patient_map = patient_map_for(config.data_dir, config.group_by, config.patient_map or None)
     config.validate()
     if (root / config.name).exists():
         raise FileExistsError(f"a model named {config.name!r} already exists in {root}; choose another name.")
@@ -344,7 +341,7 @@ def start_training(config: Any, root: str | Path | None = None, *, check_dataset
 def cancel(run: Run, *, timeout: float = 60.0) -> Run:
     """Stop a run: SIGTERM to its process group (the trainer cleans up and records "cancelled"),
     SIGKILL if it has not exited after `timeout` seconds. Returns the run's new state."""
-    alive, _ = _pid_alive(run.pid, run.progress_path)
+    alive, _ = _run_alive(run.pid, run.progress_path)
     if alive:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(run.pid, signal.SIGTERM)  # start_new_session made pid the group leader
@@ -362,7 +359,7 @@ def cancel(run: Run, *, timeout: float = 60.0) -> Run:
 def _wait_dead(run: Run, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _pid_alive(run.pid, run.progress_path)[0]:
+        if not _run_alive(run.pid, run.progress_path)[0]:
             return True
         time.sleep(0.2)
     return False

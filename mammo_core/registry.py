@@ -303,15 +303,8 @@ def load_model(model_dir: str | Path):
         card = verify_model_dir(model_dir)
     except ModelDirError as exc:  # never replaced by another model: the user picks
         raise ModelDirError(f"{exc} {PICK_ANOTHER}") from None
-    custom_objects = None
-    if card.get("architecture", "").startswith("efficientnet"):
-        from . import efficientnet_lite  # registers its custom objects, if any
-
-        custom_objects = getattr(efficientnet_lite, "CUSTOM_OBJECTS", None)
     try:
-        model = keras.saving.load_model(
-            Path(model_dir) / MODEL_FILE, compile=False, safe_mode=True, custom_objects=custom_objects
-        )
+        model = keras.saving.load_model(Path(model_dir) / MODEL_FILE, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a damaged archive
         raise ModelDirError(f"{model_dir}: {MODEL_FILE} could not be loaded ({type(exc).__name__}: {exc}). "
                             f"{PICK_ANOTHER}") from None

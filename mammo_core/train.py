@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 
+from .procs import pid_running
 from . import data as data_mod
 from .config import (CLASS_NAMES, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_SEED, DEFAULT_THRESHOLD,
                      IMAGE_SIZE, weights_dir)
@@ -164,21 +165,11 @@ def training_in_progress(root: Path | None = None) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_tmp_dirs(root: Path) -> None:
     """Delete half-written model directories left by killed runs (we hold the lock, so none is live)."""
     for path in root.glob(".tmp-*"):
         pid = path.name.rsplit("-", 1)[-1]
-        if path.is_dir() and (not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid()):
+        if path.is_dir() and (not pid.isdigit() or not pid_running(int(pid)) or int(pid) == os.getpid()):
             shutil.rmtree(path, ignore_errors=True)
 
 

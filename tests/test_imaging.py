@@ -18,7 +18,6 @@ from mammo_core.imaging import (
     MAX_PIXELS,
     MIN_SIDE,
     load_image,
-    preprocess,
     resize_for_model,
     scale_to_uint8,
     to_uint8,
@@ -344,8 +343,4 @@ def test_resize_stretches_to_square_without_padding():
     assert out.shape == (224, 224) and np.all(out == 200)  # a pad would show as 0 somewhere
 
 
-def test_preprocess_gives_model_input():
-    image = np.full((300, 200), 255, dtype=np.uint8)
-    x = preprocess(image)
-    assert x.shape == (224, 224, 1) and x.dtype == np.float32
-    assert np.allclose(x, 1.0)
+
