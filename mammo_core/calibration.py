@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .evaluate import validate_predictions
+from .evaluate import sensitivity_specificity, validate_predictions
 from .registry import VAL_PREDICTIONS_FILE  # noqa: F401  (callers also import it from here)
 
 _EPS = 1e-7  # Keras' clipping, so logits of saturated float32 probabilities stay finite
@@ -66,14 +66,6 @@ def fit_temperature(labels: Sequence[int], probabilities: Sequence[float]) -> fl
     return float(np.exp(result.x))
 
 
-def _rates(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, float]:
-    pred = p >= threshold
-    pos, neg = y == 1, y == 0
-    sens = float(pred[pos].mean()) if pos.any() else float("nan")
-    spec = float((~pred[neg]).mean()) if neg.any() else float("nan")
-    return sens, spec
-
-
 def choose_thresholds(labels: Sequence[int], probabilities: Sequence[float], *,
                       min_sensitivity: float = 0.95, min_specificity: float = 0.90) -> dict[str, float]:
     """Thresholds ("malignant when p >= t") chosen on these predictions.
@@ -89,8 +81,12 @@ def choose_thresholds(labels: Sequence[int], probabilities: Sequence[float], *,
     y, p = validate_predictions(labels, probabilities)
     if len(np.unique(y)) < 2:
         raise ValueError("operating points need both classes among the predictions")
-    candidates = np.unique(np.concatenate([p, [1.0]]))  # ascending
-    sens, spec = np.array([_rates(y, p, t) for t in candidates]).T
+    from sklearn.metrics import roc_curve
+
+    # every distinct probability is a threshold ("malignant when p >= t"), plus one above them all
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
+    order = np.argsort(thr)  # ascending thresholds, as the selection below expects
+    candidates, sens, spec = np.minimum(thr[order], 1.0), tpr[order], 1.0 - fpr[order]
     j = sens + spec - 1
     youden = candidates[np.flatnonzero(j == j.max())[-1]]
     ok_sens = np.flatnonzero(sens >= min_sensitivity)  # sensitivity falls as t rises, so take the last
@@ -114,8 +110,8 @@ def operating_points(val_labels: Sequence[int], val_probabilities: Sequence[floa
     test = validate_predictions(test_labels, test_probabilities) if test_labels is not None else None
     points = []
     for name, t in choose_thresholds(yv, pv).items():
-        sens, spec = _rates(yv, pv, t)
-        tsens, tspec = _rates(*test, t) if test is not None else (None, None)
+        sens, spec = sensitivity_specificity(yv, pv, t)
+        tsens, tspec = sensitivity_specificity(*test, t) if test is not None else (None, None)
         points.append({"name": name, "threshold": t, "sensitivity": sens, "specificity": spec,
                        "test_sensitivity": tsens, "test_specificity": tspec, "computed_on": COMPUTED_ON})
     return points

@@ -26,6 +26,7 @@ from . import data as data_mod
 from .calibration import apply_temperature, dumps, fit_temperature
 from .config import DEFAULT_SEED, DEFAULT_THRESHOLD
 from .evaluate import auc as auc_score
+from .evaluate import sensitivity_specificity
 from .preprocessing import PREPROCESSING_ID
 
 METRICS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity")
@@ -89,14 +90,9 @@ def point_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: floa
     """AUC, accuracy, sensitivity and specificity ("malignant" when p >= threshold); NaN when undefined."""
     y = np.asarray(labels, dtype=int)
     p = np.asarray(probabilities, dtype=float)
-    pred = p >= threshold
-    pos, neg = y == 1, y == 0
-    return {
-        "auc": auc_score(y, p),
-        "accuracy": float((pred == (y == 1)).mean()),
-        "sensitivity": float(pred[pos].mean()) if pos.any() else float("nan"),
-        "specificity": float((~pred[neg]).mean()) if neg.any() else float("nan"),
-    }
+    sens, spec = sensitivity_specificity(y, p, threshold)
+    return {"auc": auc_score(y, p), "accuracy": float(((p >= threshold) == (y == 1)).mean()),
+            "sensitivity": sens, "specificity": spec}
 
 
 def cluster_bootstrap(labels: Sequence[int], probabilities: Sequence[float], groups: Sequence[Any], *,

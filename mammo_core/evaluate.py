@@ -52,6 +52,21 @@ def roc_points(labels: Sequence[int], probabilities: Sequence[float]) -> dict[st
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thr.tolist()}
 
 
+def sensitivity_specificity(labels: np.ndarray, probabilities: np.ndarray,
+                            threshold: float = DEFAULT_THRESHOLD) -> tuple[float, float]:
+    """(sensitivity, specificity) with "malignant" when probability >= threshold; NaN for an absent class.
+
+    The one place these rates are computed (metrics tables, CV folds and their bootstrap, operating
+    points). Inputs are trusted arrays (the bootstrap calls it thousands of times); validate first.
+    """
+    pred = np.asarray(probabilities) >= threshold
+    y = np.asarray(labels)
+    pos, neg = y == 1, y == 0
+    sens = float(pred[pos].mean()) if pos.any() else float("nan")
+    spec = float((~pred[neg]).mean()) if neg.any() else float("nan")
+    return sens, spec
+
+
 def confusion(labels: Sequence[int], probabilities: Sequence[float], *, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
     """2x2 confusion matrix [[TN, FP], [FN, TP]] with "malignant" when probability >= threshold."""
     y, p = validate_predictions(labels, probabilities)
@@ -96,8 +111,7 @@ def compute_metrics(
         "loss": log_loss(y, p),
         "accuracy": float((pred == y).mean()),
         "auc": auc(y, p),
-        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
-        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+        **dict(zip(("sensitivity", "specificity"), sensitivity_specificity(y, p, threshold))),
         "per_class": per_class,
         "macro_avg": avg(np.full(2, 0.5)),
         "weighted_avg": avg(weights),
