@@ -390,6 +390,10 @@ def _predict_ray(args: argparse.Namespace, paths: list) -> int:
                 print(f"{row['path']}\t{row['probability']:.4f}{interval}\t{row['label']}{flags}", flush=True)
             if bar is not None:
                 bar.update(1)
+    except ConnectionError as exc:  # not a storage error: say which cluster and what to check
+        _err(f"cannot join the Ray cluster ({str(exc).splitlines()[0]}); check --ray-address / RAY_ADDRESS and, "
+             "with Ray's token authentication, RAY_AUTH_TOKEN.")
+        return EXIT_FAIL
     finally:
         if bar is not None:
             bar.close()
