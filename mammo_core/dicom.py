@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ImageReadError
-from .imaging import LoadedImage, _check_size, reduction_factor, scale_to_uint8, to_uint8
+from .pixels import LoadedImage, check_size, reduction_factor, scale_to_uint8, to_uint8
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -152,7 +152,7 @@ def _check_header(ds: "Dataset", label: str) -> Any:
     rows, columns = _int(ds.get("Rows"), 0), _int(ds.get("Columns"), 0)
     if rows <= 0 or columns <= 0:
         raise ImageReadError(f"{label}: DICOM header has no valid Rows/Columns, cannot read the image.")
-    _check_size(columns, rows, label)  # before any pixel is decoded: refuses bombs cheaply
+    check_size(columns, rows, label)  # before any pixel is decoded: refuses bombs cheaply
 
     samples = _int(ds.get("SamplesPerPixel"), 1)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
