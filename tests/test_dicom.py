@@ -389,3 +389,25 @@ def test_metadata_holds_no_identifiers(tmp_path):
         assert value not in text, f"{value!r} leaked into metadata"
     assert loaded.metadata["view_position"] == "CC" and loaded.metadata["laterality"] == "L"
     assert loaded.metadata["format"] == "DICOM" and loaded.metadata["photometric"] == "MONOCHROME2"
+
+
+def test_pydicom_still_needs_our_voi_lut_workaround():
+    """`dicom._apply_voi_lut_sequence` exists because pydicom's `apply_voi` wraps an 8-bit VOI LUT with
+    more than 256 entries. When this test fails, pydicom has fixed it: drop the workaround for `apply_voi`."""
+    from pydicom import Dataset
+    from pydicom.pixels import apply_voi
+    from pydicom.sequence import Sequence
+
+    from mammo_core.dicom import _apply_voi_lut_sequence
+
+    ds = Dataset()
+    ds.PhotometricInterpretation, ds.BitsStored, ds.BitsAllocated, ds.PixelRepresentation = "MONOCHROME2", 12, 16, 0
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 8]
+    lut = (np.arange(4096) // 16).astype(np.uint16)  # monotonic 0..255
+    item.LUTData = lut.tolist()
+    ds.VOILUTSequence = Sequence([item])
+    values = np.array([0, 1000, 2000, 4095], dtype=np.uint16)
+    ours, _, _ = _apply_voi_lut_sequence(values, ds)
+    assert ours.tolist() == lut[values].tolist()
+    assert apply_voi(values, ds).tolist() != lut[values].tolist(), "pydicom fixed the wrap-around; use apply_voi"
