@@ -88,8 +88,9 @@ def start_ray(address: str | None = None, *, workers: int = DEFAULT_WORKERS) -> 
     if address:
         ray.init(address=address, runtime_env={"py_modules": [str(Path(__file__).parent)]}, **quiet)
         return False
+    # address="local": always a new local Ray, never a cluster some `ray start` left behind on this machine.
     # Actors and decode tasks each take a CPU slot; on a small machine let them share the cores.
-    ray.init(num_cpus=max(os.cpu_count() or 1, workers + 1), **quiet,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers + 1), **quiet,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}})
     return True
 
