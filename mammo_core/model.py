@@ -188,9 +188,10 @@ def build_efficientnet_lite0_ft(*, channels: int = 1, image_size: int = IMAGE_SI
 
 ARCHITECTURES["efficientnet-lite0-ft"] = Architecture(
     name="efficientnet-lite0-ft",
-    description="ImageNet EfficientNet-Lite0, trunk frozen up to block 6a; stages 6-7, the top convolution and a "
-                "Dense(1) head fine-tuned on cached activations, once per cross-validation fold; the shipped model "
-                "is the ensemble of the fold models (mean probability, range across members).",
+    description="ImageNet EfficientNet-Lite0, trunk frozen up to the recipe's cut (training.recipe.cut); the stages "
+                "above it, the top convolution and a Dense(1) head fine-tuned on cached activations, once per "
+                "cross-validation fold; the shipped model is the ensemble of the fold models (mean probability, "
+                "range across members).",
     build=build_efficientnet_lite0_ft,
     optimizer="adamw",
     learning_rate=1e-4,
