@@ -6,7 +6,8 @@ scored on its own fold, so the out-of-fold predictions are honest estimates of t
 members together are the shipped model. Its probability is the mean of the members' calibrated
 probabilities; the interval is their range (lowest to highest member): how much models trained on
 different 80 % of the source images disagree, not a confidence interval for the patient. Grad-CAM is
-taken for the mean of the members' logits, on the trunk's 14x14 output that all members share.
+taken for the mean of the members' logits, on the trunk's output that all members share (14x14 for the
+block5a and block6a cuts).
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def train_ensemble_into(config: Any, out: Path, log: Callable[[str], None] = pri
         "ensemble": {"members": len(trainer.members), "temperatures": temperatures,
                      "probability": "mean of the members' temperature-calibrated probabilities",
                      "interval": INTERVAL_TEXT, "gradcam": "Grad-CAM of the mean of the members' logits, on the "
-                     "shared trunk output (14x14)"},
+                     f"shared trunk output ({'x'.join(str(d) for d in trainer.activations.shape[1:3])})"},
         "ood": {"feature": f"global average of the trunk output ({finetune.CUTS[recipe.cut]}, "
                            f"{pooled.shape[1]} channels)",
                 "distance": "squared Mahalanobis distance, Ledoit-Wolf covariance (model output 'ood_whiten')",
