@@ -13,7 +13,6 @@ block5a and block6a cuts).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
