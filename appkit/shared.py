@@ -102,17 +102,48 @@ def setup(page: str = "Home", *, admin_only: bool = False) -> auth.User:
     model_selector()
     user_panel(user)
     st.sidebar.caption(RESEARCH_NOTE)
+    collapse_sidebar_when_narrow()
     if admin_only:
         require_admin(page)
     return user
 
 
+NARROW_PX = 1000
+# Streamlit collapses the sidebar at first paint only below 768 px; at 800-1000 px it would take a third
+# of the window. Collapse it once per page load (a flag on the page's window; reruns and page changes
+# keep it, a reload clears it, so the user can open it again and it stays open). The component's
+# iframe is same-origin (Streamlit's sandbox allows it), so it can reach the app's document.
+COLLAPSE_JS = """
+<script>
+const app = window.parent;
+if (app.innerWidth < %d && !app.__mammoSidebarAuto) {
+  app.__mammoSidebarAuto = true;
+  const open = app.document.querySelector('[data-testid="stSidebar"][data-collapsed="false"]');
+  const button = app.document.querySelector('[data-testid="stSidebarCollapseButton"] button');
+  if (open && button) button.click();
+}
+</script>
+""" % NARROW_PX
+
+
+def collapse_sidebar_when_narrow() -> None:
+    import streamlit.components.v1 as components
+
+    with st.sidebar:
+        components.html(COLLAPSE_JS, height=0)
+
+
 def navigation(user: auth.User) -> None:
     """Links to the pages this user may open (Streamlit's own list of pages/ is turned off in
     .streamlit/config.toml, `client.showSidebarNavigation`, so that readers do not see admin pages)."""
+    from streamlit.errors import StreamlitAPIException
+
     for script, label, icon, admin in PAGES:
         if user.is_admin or not admin:
-            st.sidebar.page_link(script, label=label, icon=icon)
+            try:
+                st.sidebar.page_link(script, label=label, icon=icon)
+            except StreamlitAPIException:  # a page file run on its own (not through app.py) knows no other page
+                return
     st.sidebar.divider()
 
 

@@ -229,14 +229,17 @@ def main() -> None:
         return
 
     st.subheader(f"At threshold {threshold:.2f}")
+    def count(value: Any) -> str:
+        return "—" if value is None else str(value)
+
     summary = pd.DataFrame([{
-        "model": n, "evaluated on": f"{cards.test_label(c)} · {shared.protocol_short(c)}", "images": m["n"],
-        "test source images": ((c.get("split") or {}).get("test") or {}).get("source_images"),
-        "shared with training": ((c.get("split") or {}).get("shared_source_images") or {}).get("train-test"),
-        "accuracy": m["accuracy"], "loss": m["loss"], "AUC": m["auc"],
-        "sensitivity": m["sensitivity"], "specificity": m["specificity"]} for n, c, _, m in data])
-    st.dataframe(summary, hide_index=True, column_config={
-        k: st.column_config.NumberColumn(format="%.3f") for k in ("accuracy", "loss", "AUC", "sensitivity", "specificity")})
+        "model": n, "evaluated on": f"{cards.test_label(c)} · {shared.protocol_short(c)}", "images": count(m["n"]),
+        "test source images": count(((c.get("split") or {}).get("test") or {}).get("source_images")),
+        "shared with training": count(((c.get("split") or {}).get("shared_source_images") or {}).get("train-test")),
+        **{k: cards.fmt(m[key]) for k, key in (("accuracy", "accuracy"), ("loss", "loss"), ("AUC", "auc"),
+                                                ("sensitivity", "sensitivity"), ("specificity", "specificity"))},
+    } for n, c, _, m in data]).set_index("model")
+    st.table(summary)
     sentence = why_they_differ([(n, c) for n, c, _, _ in data])
     if sentence:
         st.markdown(sentence)
@@ -257,15 +260,14 @@ def main() -> None:
         st.markdown(f"**{shared.plain(n)}** · {shared.protocol_short(c)} · accuracy {m['accuracy']:.2%} · loss {m['loss']:.3f} · "
                     f"AUC {shared.fmt(m['auc'])}")
         is_paper = (c.get("split") or {}).get("protocol") == "paper"
-        cols = st.columns([1, 1.3, 1.1] if is_paper else [1, 1.3])
+        cols = st.columns([1, 1.3])
         with cols[0]:
             st.plotly_chart(plots.confusion_figure(m["confusion_matrix"]), key=f"cm_{n}")
             st.caption(f"At threshold {threshold:.2f}: TN {tn} · FP {fp} · FN {fn} · TP {tp}")
         with cols[1]:
             st.table(shown(table1(m)))
             st.caption(f"This model at threshold {threshold:.2f}, on its {cards.test_label(c)} predictions.")
-        if is_paper:
-            with cols[2]:
+            if is_paper:
                 st.table(shown(paper_table1()))
                 p = shared.PAPER_TABLE1
                 st.caption(f"The paper's reported Table 1 (paper split): accuracy {p['accuracy']:.2%}, "

@@ -57,8 +57,8 @@ def compare(entries: dict[str, registry.ModelEntry]) -> None:
     st.subheader("Compare")
     names = list(entries)
     active = registry.active_model_name(shared.weights_root())
-    default = [n for n in ([active] if active in entries else []) + names if n][:2]
-    picked = st.multiselect("Models to compare", names, default=list(dict.fromkeys(default)), key="models_compare")
+    default = list(dict.fromkeys(([active] if active in entries else []) + names))[:2]
+    picked = st.multiselect("Models to compare", names, default=default, key="models_compare")
     if len(picked) < 2:
         st.caption("Pick two or more models to see their cards side by side. The Metrics page draws their ROC "
                    "curves and confusion matrices.")

@@ -227,6 +227,7 @@ def test_reader_cannot_open_retrain_even_by_running_it(app_with_login):
     page = AppTest.from_file(str(REPO_ROOT / "pages" / "4_Retrain.py"), default_timeout=TIMEOUT)
     page.session_state["auth_user"] = at.session_state["auth_user"]
     page.run()
+    assert not page.exception, [e.value for e in page.exception]
     assert any("for administrators" in e.value for e in page.error)
     assert not page.get("form")
 

@@ -85,6 +85,7 @@ def test_reader_signs_in_and_file_names_render_as_plain_text(shared_server, samp
             page.get_by_role("textbox", name="Password").fill("reader-pass")
             page.get_by_role("button", name="Sign in").click()
             page.locator("[data-testid=stSidebar]", has_text="Signed in as rita").wait_for()
+            page.locator("[data-testid=stSidebar] [data-testid=stPageLink]", has_text="Models").wait_for()
             nav = " ".join(page.locator("[data-testid=stSidebar] [data-testid=stPageLink]").all_inner_texts())
             assert "Review" in nav and "Metrics" in nav and "Models" in nav and "Retrain" not in nav
             page.goto(url + "/Retrain")  # a direct link (a new session: sign in again); the page refuses a reader
