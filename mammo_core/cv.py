@@ -210,7 +210,8 @@ class ImageModelTrainer:
             "val_copies_per_source": self.config.val_copies_per_source,
             "optimizer": a.optimizer, "learning_rate": a.learning_rate,
             "class_weighted": a.class_weighted, "augment_flips": a.augment_flips,
-            "selection": "epoch with the lowest validation loss (validation part of the training folds)",
+            "selection": "epoch with the lowest validation loss (validation part of the training folds; "
+                         "train.fit_network, Keras EarlyStopping restore_best_weights), as `mammo_core train` does",
             **({"computation": self.computation} if self.computation else {}),
         }
 
@@ -221,6 +222,7 @@ class ImageModelTrainer:
         from .features import class_weights
         from .model import build_model, flip_augment
         from .predict import predict_arrays
+        from .train import fit_network
 
         cfg = self.config
         train = _subsample(train, cfg.copies_per_source, seed)
@@ -235,28 +237,15 @@ class ImageModelTrainer:
         train_ds = data_mod.make_tf_dataset(self.images[train.index], train["label"], batch_size=cfg.batch_size,
                                             shuffle=True, seed=seed,
                                             augment=flip_augment if self.arch.augment_flips else None)
-        val_ds = data_mod.make_tf_dataset(self.images[val.index], val["label"], batch_size=128)
-        best: dict = {"loss": np.inf}
-
-        class KeepBest(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                if logs["val_loss"] < best["loss"]:
-                    best.update(loss=logs["val_loss"], epoch=epoch + 1, weights=[w.copy() for w in model.get_weights()])
-
         weights = class_weights(train["label"].to_numpy()) if self.arch.class_weighted else None
-        if distribute.is_multi_worker(strategy):  # Keras' fit fails under it: the custom loop
-            distribute.fit_custom(strategy, trainer, train_ds, epochs=self.epochs, global_batch_size=cfg.batch_size,
-                                  class_weight=weights, callbacks=[KeepBest()],
-                                  validate=distribute.validation(model, self.images[val.index], val["label"], 1))
-        else:
-            trainer.fit(train_ds, validation_data=val_ds, epochs=self.epochs, class_weight=weights,
-                        callbacks=[KeepBest()], shuffle=False, verbose=0)  # the dataset shuffles
-        model.set_weights(best["weights"])
+        best_epoch = fit_network(model, trainer, strategy, train_ds, self.images[val.index], val["label"],
+                                 epochs=self.epochs, batch_size=cfg.batch_size, channels=1, class_weight=weights,
+                                 callbacks=[], keep_best=True)
         return {
             "val": predict_arrays(model, self.images[val.index], channels=1),
             "test": predict_arrays(model, self.images[test.index], channels=1),
             "val_frame": val,
-            "info": {"best_epoch": best["epoch"], "train_images": len(train), "val_images": len(val)},
+            "info": {"best_epoch": best_epoch, "train_images": len(train), "val_images": len(val)},
             "trained_images": len(train) * self.epochs,
         }
 

@@ -10,7 +10,6 @@ so a killed run never leaves a stale lock behind.
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime as dt
 import fcntl
 import json
@@ -20,7 +19,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,7 +34,7 @@ from .errors import DatasetError, MammoError, TrainingBusyError
 from .evaluate import compute_metrics
 from .preprocessing import CARD_KEY as INPUT_PIPELINE_KEY
 from .preprocessing import DESCRIPTIONS as PREPROCESSING_TEXT
-from .registry import (CARD_FILE, HISTORY_FILE, MODEL_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE,
+from .registry import (HISTORY_FILE, MODEL_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE,
                        atomic_write_text, record_model, sha256_file, write_card)
 
 LOCK_FILE = ".train.lock"
@@ -319,6 +318,40 @@ def train(config: TrainConfig, *, root: str | Path | None = None, progress_path:
     return final_dir
 
 
+def fit_network(model, trainer, strategy, train_ds, val_images: np.ndarray, val_labels, *, epochs: int, batch_size: int,
+                channels: int, class_weight: dict | None, callbacks: list, keep_best: bool,
+                log: Callable[[str], None] = print, checkpoints: Path | None = None, chief: bool = True) -> int:
+    """The one fit of a network on decoded images, for `train` and `cv` alike. Returns the epoch kept.
+
+    `trainer` is what fits (`fast_training.training_model`; it shares its weights with `model`). With
+    `keep_best`, Keras' `EarlyStopping(restore_best_weights=True)` keeps the epoch with the lowest validation
+    loss (it never stops early: patience = epochs); otherwise the last epoch is kept. Under a multi-worker
+    strategy Keras' `fit` fails, so `distribute.fit_custom` runs the loop, with the same callbacks.
+    """
+    import keras
+
+    from . import distribute
+
+    stop = (keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=epochs, restore_best_weights=True)
+            if keep_best else None)
+    cbs = [*callbacks, *([stop] if stop else [])]
+    if distribute.is_multi_worker(strategy):
+        if stop is not None:
+            stop.set_model(trainer)
+            stop.on_train_begin()
+        distribute.fit_custom(strategy, trainer, train_ds, epochs=epochs, global_batch_size=batch_size,
+                              class_weight=class_weight, callbacks=cbs, log=log,
+                              validate=distribute.validation(model, val_images, val_labels, channels),
+                              checkpoints=checkpoints, chief=chief)
+        if stop is not None:
+            stop.on_train_end()
+    else:
+        val_ds = data_mod.make_tf_dataset(val_images, val_labels, batch_size=128, channels=channels)
+        trainer.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=cbs, class_weight=class_weight,
+                    shuffle=False, verbose=0)  # the dataset shuffles
+    return stop.best_epoch + 1 if stop is not None and stop.best_weights is not None else epochs
+
+
 def _fit_on_images(config: TrainConfig, arch, parts: dict[str, pd.DataFrame], out: Path,
                    progress_path: Path | None, on_progress: Callable[[dict], None] | None,
                    log: Callable[[str], None]) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
@@ -351,25 +384,23 @@ def _fit_on_images(config: TrainConfig, arch, parts: dict[str, pd.DataFrame], ou
     train_ds = data_mod.make_tf_dataset(images["train"], parts["train"]["label"], batch_size=config.batch_size,
                                         shuffle=True, seed=config.seed, channels=config.channels,
                                         augment=flip_augment if arch.augment_flips else None)
-    val_ds = data_mod.make_tf_dataset(images["val"], parts["val"]["label"], batch_size=config.batch_size,
-                                      channels=config.channels)
     steps = int(np.ceil(len(parts["train"]) / config.batch_size))
     if config.max_steps_per_epoch:
         steps = min(steps, config.max_steps_per_epoch)
         train_ds = train_ds.take(steps)
     progress = _progress_callback(progress_path, out / HISTORY_FILE, config.epochs, steps, on_progress)
     weights = class_weights(parts["train"]["label"].to_numpy()) if arch.class_weighted else None
+    keep_best = config.protocol != "paper"  # the reproduction keeps the paper's last epoch
     t0 = time.time()
-    if distribute.is_multi_worker(strategy):  # Keras' fit fails under it: the custom loop, with checkpoints
-        distribute.fit_custom(strategy, trainer, train_ds, epochs=config.epochs, global_batch_size=config.batch_size,
-                              class_weight=weights, callbacks=[progress], log=log,
-                              validate=distribute.validation(model, images["val"], parts["val"]["label"], config.channels),
-                              checkpoints=distribute.checkpoint_dir(out, config.name),
-                              chief=distribute.is_chief(config.strategy))
+    best_epoch = fit_network(model, trainer, strategy, train_ds, images["val"], parts["val"]["label"],
+                             epochs=config.epochs, batch_size=config.batch_size, channels=config.channels,
+                             class_weight=weights, callbacks=[progress], keep_best=keep_best, log=log,
+                             checkpoints=distribute.checkpoint_dir(out, config.name),
+                             chief=distribute.is_chief(config.strategy))
+    if distribute.is_multi_worker(strategy):
         log(f"{distribute.task_name(config.strategy)}: final weights sha256 {distribute.weights_digest(model)}")
-    else:
-        trainer.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[progress], class_weight=weights,
-                    shuffle=False, verbose=0)
+    computation["kept_epoch"] = (f"{best_epoch} (lowest validation loss)" if keep_best
+                                 else f"{config.epochs} (the last, as in the paper)")
     fit_seconds = time.time() - t0
     probs = {split: predict_arrays(model, images[split], channels=config.channels, batch_size=128)
              for split in ("val", "test")}
