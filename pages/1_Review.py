@@ -55,22 +55,26 @@ def score_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[str
 
 
 @st.cache_resource(show_spinner=False)
-def _open_audit_log(path: str):
-    from mammo_core.audit import AuditLog
+def _open_audit_log(url: str, default_path: str):
+    """One log per configuration: MAMMO_AUDIT_URL (shared PostgreSQL or a SQLite file), else the embedded
+    SQLite default. Both are cache keys, so a changed setting opens the new log."""
+    from mammo_core.audit import open_audit_log
 
-    return AuditLog(path)
+    return open_audit_log(url or None)
 
 
 def _audit_log():
-    """The audit log (MAMMO_AUDIT_DB or audit/audit.sqlite3), or None with a warning when it cannot be opened."""
+    """The audit log (MAMMO_AUDIT_URL, else MAMMO_AUDIT_DB or audit/audit.sqlite3), or None with a warning
+    when it cannot be opened."""
+    import os
+
+    from mammo_core.audit import AUDIT_URL_ENV, default_audit_path
+
     try:
-        from mammo_core.audit import default_audit_path
-    except ImportError:
-        return None
-    try:
-        return shared.audit_view(_open_audit_log(str(default_audit_path())))  # readers: their own rows
+        log = _open_audit_log(os.environ.get(AUDIT_URL_ENV, "").strip(), str(default_audit_path()))
+        return shared.audit_view(log)  # readers: their own rows
     except Exception as exc:  # noqa: BLE001 - the log must never stop scoring
-        st.warning(f"Audit log unavailable ({exc}); results are not being recorded.")
+        st.warning(f"Audit log unavailable ({shared.plain(exc)}); results are not being recorded.")
         return None
 
 

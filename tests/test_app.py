@@ -543,3 +543,17 @@ def test_image_pair_figure_links_zoom_of_both_views():
     assert [t.type for t in fig.data] == ["image", "image"]
     assert all(t.source.startswith("data:image/png;base64,") for t in fig.data)
     assert fig.layout.xaxis2.matches == "x" and fig.layout.yaxis2.matches == "y"
+
+
+def test_review_writes_to_the_log_that_mammo_audit_url_names(app_env, tiny_weights, tmp_path, monkeypatch, sample_png):
+    """Review follows MAMMO_AUDIT_URL (here a SQLite URL; PostgreSQL goes through the same open_audit_log)."""
+    from mammo_core.audit import AuditLog
+
+    app_env(tiny_weights)
+    target = tmp_path / "shared" / "log.sqlite3"
+    monkeypatch.setenv("MAMMO_AUDIT_URL", f"sqlite:///{target}")
+    at = start("review")
+    at.file_uploader[0].set_value([("scan.png", sample_png, "image/png")]).run()
+    no_exception(at)
+    rows = AuditLog(target).recent(limit=10)
+    assert len(rows) == 1 and rows[0]["model_name"] == "tiny-grouped"
