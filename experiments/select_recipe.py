@@ -10,6 +10,10 @@ configs = [
  ("C-block7a", "breast-crop-v1", Recipe(cut="block7a")),
  ("A-stretch", "breast-crop-stretch-v1", Recipe()),
  ("A-legacy", "resize", Recipe()),
+ # second round, added after A-pad (0.772) and B (0.791) had run: more copies, more regularisation, a deeper cut
+ ("D-lr3e-4-copies32", "breast-crop-v1", Recipe(learning_rate=3e-4, copies_per_source=32)),
+ ("E-lr3e-4-reg", "breast-crop-v1", Recipe(learning_rate=3e-4, dropout=0.5, weight_decay=1e-3)),
+ ("F-lr3e-4-block5a", "breast-crop-v1", Recipe(learning_rate=3e-4, cut="block5a")),
 ]
 only = sys.argv[1:] 
 for name, prep, recipe in configs:

@@ -89,12 +89,9 @@ def _recipe_overrides(pairs: Sequence[str] | None) -> dict | None:
 
 
 def _patient_map_for(dataset: Path, group_by: str, given: str | None) -> str | None:
-    if given is not None or group_by != "patient":
-        return given
-    from .data import default_patient_map
+    from .data import patient_map_for
 
-    found = default_patient_map(dataset)
-    return str(found) if found else None
+    return patient_map_for(dataset, group_by, given)
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
