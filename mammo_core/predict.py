@@ -22,6 +22,10 @@ from .errors import ImageReadError
 from .imaging import LoadedImage, Source, load_image, resize_for_model
 from .preprocessing import LEGACY, PREPROCESSING_ID, Geometry, card_preprocessing, prepare, to_original
 
+#: Threads that decode and preprocess inputs while the model scores the previous batch (PIL, NumPy and
+#: pydicom release the GIL for most of their work). `python -m bench` measures the choice.
+DECODE_WORKERS = 2
+
 
 @dataclass
 class Prediction:
@@ -209,6 +213,7 @@ class Predictor:
         batch_size: int = 32,
         keep_images: bool = True,
         progress: Callable[[int], None] | None = None,
+        workers: int = DECODE_WORKERS,
     ) -> Iterator[Prediction]:
         """Score (source, name) pairs in batches; yields one Prediction per input, in input order.
 
@@ -216,20 +221,22 @@ class Predictor:
         prefetches the next batch while the model runs on the current one. Inputs that fit in one batch
         (the app's usual upload) skip the pipeline: there is no next batch to prefetch, and its set-up
         (about 35 ms) costs more than scoring one image. Unreadable inputs are yielded with `error` set.
-        `progress(n)` is called after each batch with the number of inputs done.
+        `progress(n)` is called after each batch with the number of inputs done; `workers` is the number
+        of decoding threads.
         """
         items = list(items)
         if not items:
             return
         if len(items) <= batch_size:
-            yield from self._score_one_batch(items, with_cam=with_cam, keep_images=keep_images, progress=progress)
+            yield from self._score_one_batch(items, with_cam=with_cam, keep_images=keep_images, progress=progress,
+                                             workers=workers)
             return
         import tensorflow as tf
 
         preds: list[Prediction | None] = [None] * len(items)
 
         def decoded() -> Iterator[tuple[int, np.ndarray]]:
-            with ThreadPoolExecutor(max_workers=2) as pool:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
                 for i, pred in enumerate(pool.map(lambda it: self._load(*it), items)):
                     preds[i] = pred
                     if pred.error is None:
@@ -273,11 +280,12 @@ class Predictor:
         return pred
 
     def _score_one_batch(self, items: list[tuple[Source, str | None]], *, with_cam: bool, keep_images: bool,
-                         progress: Callable[[int], None] | None) -> Iterator[Prediction]:
+                         progress: Callable[[int], None] | None,
+                         workers: int = DECODE_WORKERS) -> Iterator[Prediction]:
         if len(items) == 1:
             preds = [self._load(*items[0])]
         else:
-            with ThreadPoolExecutor(max_workers=2) as pool:  # as in the pipeline: PIL and pydicom release the GIL
+            with ThreadPoolExecutor(max_workers=workers) as pool:  # as in the pipeline: PIL and pydicom release the GIL
                 preds = list(pool.map(lambda item: self._load(*item), items))
         good = [pred for pred in preds if pred.error is None]
         if good:
