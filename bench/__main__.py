@@ -1,12 +1,18 @@
 """`python -m bench`: speed of scoring, training and the app, each beside the baseline a user would otherwise run.
 
-Everything is measured in one run on the same machine:
+Everything is measured in one run on the same machine, on the default (active) model, with the fine-tuned
+ensemble's single member and `paper-cnn-grouped-split` beside it, and against the machine's measured peak
+(a large matrix product) for the model's FLOPs per image (`bench.scoring`):
+0. the peak, FLOPs per image, and the scoring options against each other (frozen weights, bfloat16,
+   batch sizes, decoding threads);
 1. single-image latency, probability + Grad-CAM: our Predictor (one compiled call) vs the keras-io
    recipe (`model.predict`, then `make_gradcam_heatmap` with a GradientTape model built per call);
-2. folder scoring throughput: Predictor.score_many in batches vs a loop of `model.predict` per file;
+2. folder scoring throughput: Predictor.score_many in batches vs a loop of `model.predict` per file, and
+   `python -m mammo_core predict` on the whole test folder end to end (start-up included);
 3. training throughput of paper-cnn: ours (1 channel, decoded once and cached in memory, trained through
    `fast_training`) vs the authors' (RGB copies decoded from disk every epoch, batch 64), with ours on
-   plain `model.fit` and the compute ceiling alongside to show where the gain comes from;
+   plain `model.fit` and the compute ceiling alongside to show where the gain comes from; and the
+   fine-tuning recipe's training images/s beside full fine-tuning (`bench.finetune`);
 4. app: seconds from `streamlit run` to the first page served, and from an upload to the overlay
    shown in headless Chromium (warm).
 
@@ -61,6 +67,117 @@ def test_files(data: Path, n: int) -> list[Path]:
     return [files[i] for i in sorted(rng.choice(len(files), size=min(n, len(files)), replace=False))]
 
 
+PAPER_MODEL = "paper-cnn-grouped-split"
+#: Models every scoring row runs on: the default (active) model, one member of it alone (fine-tuned
+#: ensembles only), and paper-cnn beside them.
+ROLES = ("default", "member", "paper")
+
+
+def model_facts(predictor) -> dict:
+    """Name, FLOPs per image (forward; forward + Grad-CAM's backward pass) and arithmetic of a Predictor."""
+    from bench.scoring import flops_per_image
+
+    forward = flops_per_image(predictor.model)["total"]
+    if predictor.ensemble is not None:  # the backward pass runs through the members only (input gradients)
+        from mammo_core.finetune import TRUNK_NAME
+
+        backward = forward - flops_per_image(predictor.model.get_layer(TRUNK_NAME))["total"]
+        precision = predictor.ensemble.precision
+    else:  # Grad-CAM's backward pass runs through the dense head only
+        backward = flops_per_image(predictor.model)["by_type"].get("Dense", 0.0)
+        precision = "float32"
+    return {"model": predictor.name, "flops": forward, "flops_cam": forward + backward, "precision": precision}
+
+
+def load_role(role: str, model: str | None):
+    """The Predictor for a role (None: the role does not apply, e.g. `member` for a single model)."""
+    from mammo_core.predict import Predictor
+
+    if role == "paper":
+        return Predictor.load(PAPER_MODEL)
+    predictor = Predictor.load(model)
+    if role == "member":
+        if predictor.ensemble is None:
+            return None
+        from bench.scoring import single_member
+
+        return single_member(predictor, 0)
+    return predictor
+
+
+# --- 0. the machine's peak, and the scoring options against each other -------------------------
+
+def bench_peak() -> dict:
+    from bench.scoring import peak_gflops
+    from mammo_core.fast_training import cpu_has_native_bfloat16
+
+    return {"float32": peak_gflops("float32"),
+            "bfloat16": peak_gflops("bfloat16") if cpu_has_native_bfloat16() else None}
+
+
+def prepared_images(predictor, files: list[Path]) -> np.ndarray:
+    return np.stack([predictor.prepare_one(f, str(f)).model_input for f in files])
+
+
+def bench_options(predictor, files: list[Path]) -> dict:
+    """The compiled-call options of the default model (ensembles), on prepared test images."""
+    from bench.scoring import compare_options
+
+    if predictor.ensemble is None:
+        return {"skipped_reason": f"{predictor.name} is not a fine-tuned ensemble"}
+    return {**compare_options(predictor, prepared_images(predictor, files)), **model_facts(predictor)}
+
+
+def bench_decode(predictor, files: list[Path], rounds: int = 2) -> dict:
+    """Folder scoring (no Grad-CAM) end to end after start-up, by decoding threads and batch size; best of
+    interleaved rounds."""
+    from mammo_core.predict import score_paths
+
+    for f in files:
+        f.read_bytes()
+    settings = [(1, 32), (2, 32), (3, 32), (4, 32), (2, 16), (2, 64), (3, 64)]
+    list(score_paths(predictor, files[:96], with_cam=False, keep_images=False, batch_size=32))  # warm
+    best = {f"{w} threads, batch {b}": 0.0 for w, b in settings}
+    for _ in range(rounds):
+        for w, b in settings:
+            t = time.perf_counter()
+            n = len(list(score_paths(predictor, files, with_cam=False, keep_images=False, batch_size=b, workers=w)))
+            best[f"{w} threads, batch {b}"] = max(best[f"{w} threads, batch {b}"], n / (time.perf_counter() - t))
+    # preprocessing alone, one thread: what each image costs before the model
+    t = time.perf_counter()
+    for f in files[:200]:
+        predictor.prepare_one(f, str(f))
+    prep_ms = (time.perf_counter() - t) / min(200, len(files)) * 1e3
+    return {"images_per_s": best, "n": len(files), "rounds": rounds, "prepare_ms": prep_ms, **model_facts(predictor)}
+
+
+def bench_cli(model: str, data: Path) -> dict:
+    """`python -m mammo_core predict $DATA/test --json` end to end (start-up included), peak RSS."""
+    import resource
+
+    folder = data / "test"
+    files = sorted(folder.rglob("*.png"))
+    for f in files:
+        f.read_bytes()
+    cmd = [sys.executable, "-m", "mammo_core", "predict", str(folder), "--model", model, "--json"]
+    t = time.perf_counter()
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t
+    if out.returncode != 0:
+        raise RuntimeError(f"predict failed: {out.stderr[-2000:]}")
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 / 1024  # kB on Linux
+    return {"seconds": wall, "n": len(rows), "errors": sum("error" in r for r in rows), "rss_gb": rss_gb,
+            "images_per_s": len(rows) / wall, "model": Path(model).name, "command": " ".join(["python", *cmd[1:4], "$MAMMO_DATA_DIR/test", "--model",
+                                                          Path(model).name, "--json"])}
+
+
+def bench_finetune(steps: int) -> dict:
+    from bench.finetune import measure
+
+    return measure(steps=steps, rounds=2)
+
+
 # --- 1. single-image latency ---------------------------------------------------------------------
 
 def keras_io_gradcam(img_array, model, last_conv_layer_name):
@@ -103,7 +220,9 @@ def bench_latency(predictor, files: list[Path], n: int) -> dict:
     from mammo_core.preprocessing import model_input
 
     blobs = [f.read_bytes() for f in files[:n]]
-    predictor.score_one(blobs[0], name="warm")
+    t = time.perf_counter()
+    predictor.score_one(blobs[0], name="warm")  # traces (and freezes) the compiled call
+    first_s = time.perf_counter() - t
     ours = []
     for b in blobs:
         t = time.perf_counter()
@@ -112,23 +231,30 @@ def bench_latency(predictor, files: list[Path], n: int) -> dict:
         assert pred.error is None and pred.heatmap is not None
 
     model = predictor.model
-    try:
-        keras_io_gradcam(np.zeros((1, 224, 224, predictor.channels), np.float32), model, find_last_conv_layer(model))
-        recipe_model, note = model, "recipe on the model as saved"
-    except Exception as exc:  # the recipe's known failure on Sequential models
-        recipe_model, note = functional_copy(model), f"recipe fails on the Sequential model ({type(exc).__name__}); run on a functional copy"
-    layer = find_last_conv_layer(recipe_model)
+    if predictor.ensemble is not None:
+        from bench.scoring import keras_io_gradcam_ensemble
+
+        recipe_model, note = model, "recipe on the ensemble's mean logit at the trunk output (its Grad-CAM layer)"
+        recipe = lambda x: keras_io_gradcam_ensemble(x, recipe_model)  # noqa: E731
+    else:
+        try:
+            keras_io_gradcam(np.zeros((1, 224, 224, predictor.channels), np.float32), model, find_last_conv_layer(model))
+            recipe_model, note = model, "recipe on the model as saved"
+        except Exception as exc:  # the recipe's known failure on Sequential models
+            recipe_model, note = functional_copy(model), f"recipe fails on the Sequential model ({type(exc).__name__}); run on a functional copy"
+        layer = find_last_conv_layer(recipe_model)
+        recipe = lambda x: keras_io_gradcam(x, recipe_model, layer)  # noqa: E731
     base = []
     for b in blobs[: max(10, n // 4)]:  # the baseline is slow; fewer runs suffice for its percentiles
         t = time.perf_counter()
         x = model_input(load_image(b).pixels, predictor.preprocessing).astype(np.float32)[None, ..., None] / 255.0
         x = np.repeat(x, predictor.channels, axis=-1)
         recipe_model.predict(x, verbose=0)
-        keras_io_gradcam(x, recipe_model, layer)
+        recipe(x)
         base.append(time.perf_counter() - t)
     return {"ours_p50": percentile(ours, 50) * 1e3, "ours_p95": percentile(ours, 95) * 1e3,
             "base_p50": percentile(base, 50) * 1e3, "base_p95": percentile(base, 95) * 1e3,
-            "n": len(ours), "n_base": len(base), "note": note}
+            "n": len(ours), "n_base": len(base), "note": note, "first_s": first_s, **model_facts(predictor)}
 
 
 # --- 2. folder throughput ------------------------------------------------------------------------
@@ -156,7 +282,7 @@ def bench_folder(predictor, files: list[Path], n_base: int) -> dict:
         img = keras.utils.img_to_array(keras.utils.load_img(f, color_mode=mode, target_size=(224, 224))) / 255.0
         model.predict(img[None], verbose=0)
     base = n_base / (time.perf_counter() - t)
-    return {"ours": ours, "ours_cam": ours_cam, "base": base, "n": len(files), "n_base": n_base}
+    return {"ours": ours, "ours_cam": ours_cam, "base": base, "n": len(files), "n_base": n_base, **model_facts(predictor)}
 
 
 # --- 3. training throughput ----------------------------------------------------------------------
@@ -274,66 +400,170 @@ def bench_app(sample: Path) -> dict:
     return measure_app(sample)
 
 
-# --- report --------------------------------------------------------------------------------------
+# --- report ---------------------------------------------------------------------------------------
 
-def report(results: dict, command: str, machine_desc: str) -> str:
-    rows = ["| # | measure | ours | baseline | ratio | target |", "|---|---|---|---|---|---|"]
-    if "latency" in results:
-        r = results["latency"]
-        rows.append(f"| 1 | single image, probability + Grad-CAM, p50 (ms) | {r['ours_p50']:.1f} | {r['base_p50']:.1f} | "
-                    f"{r['base_p50'] / r['ours_p50']:.1f}x faster | ≤ 15 ms, ≥ 5x |")
-        rows.append(f"| 1 | same, p95 (ms) | {r['ours_p95']:.1f} | {r['base_p95']:.1f} | "
-                    f"{r['base_p95'] / r['ours_p95']:.1f}x faster | |")
-    if "folder" in results:
-        r = results["folder"]
-        rows.append(f"| 2 | folder scoring, probability only (images/s) | {r['ours']:.0f} | {r['base']:.1f} | "
-                    f"{r['ours'] / r['base']:.1f}x | ≥ 300 images/s |")
-        rows.append(f"| 2 | folder scoring with Grad-CAM (images/s) | {r['ours_cam']:.0f} | | | |")
+def _pct(images_per_s: float | None, flops: float, peak: float | None) -> str:
+    if not images_per_s or not peak:
+        return ""
+    return f"{images_per_s * flops / peak / 1e9:.1%}"
+
+
+def _peak_for(results: dict, facts: dict) -> float | None:
+    peak = results.get("peak") or {}
+    return peak.get("bfloat16") if facts.get("precision") == "bfloat16" else peak.get("float32")
+
+
+def report(results: dict, command: str, machine_desc: str, default_name: str) -> str:
+    rows = ["| # | measure | model | ours | baseline | ratio | of peak | target |", "|---|---|---|---|---|---|---|---|"]
+    peak = results.get("peak") or {}
+    label = {"default": "default", "member": "1 member", "paper": "paper-cnn"}
+    for role in ROLES:
+        r = results.get(f"latency:{role}")
+        if not r:
+            continue
+        target = "≤ 15 ms, ≥ 10x" if role == "default" else ""
+        per_s = 1e3 / r["ours_p50"]
+        rows.append(f"| 1 | single image, probability + Grad-CAM, p50 (ms) | {label[role]} | {r['ours_p50']:.1f} | "
+                    f"{r['base_p50']:.1f} | {r['base_p50'] / r['ours_p50']:.1f}x faster | "
+                    f"{_pct(per_s, r['flops_cam'], _peak_for(results, r))} | {target} |")
+        rows.append(f"| 1 | same, p95 (ms) | {label[role]} | {r['ours_p95']:.1f} | {r['base_p95']:.1f} | "
+                    f"{r['base_p95'] / r['ours_p95']:.1f}x faster | | |")
+    for role in ROLES:
+        r = results.get(f"folder:{role}")
+        if not r:
+            continue
+        pk = _peak_for(results, r)
+        rows.append(f"| 2 | folder scoring, probability only (images/s) | {label[role]} | {r['ours']:.0f} | {r['base']:.1f} | "
+                    f"{r['ours'] / r['base']:.1f}x | {_pct(r['ours'], r['flops'], pk)} | |")
+        rows.append(f"| 2 | folder scoring with Grad-CAM (images/s) | {label[role]} | {r['ours_cam']:.0f} | | | "
+                    f"{_pct(r['ours_cam'], r['flops_cam'], pk)} | |")
+    for role in ("default", "paper"):
+        r = results.get(f"cli:{role}")
+        if not r:
+            continue
+        facts = results.get(f"folder:{role}") or results.get(f"latency:{role}") or {}
+        rows.append(f"| 2 | `mammo_core predict` on the {r['n']:,} test images, end to end with start-up (images/s) | "
+                    f"{label[role]} | {r['images_per_s']:.0f} ({r['seconds']:.1f} s, {r['rss_gb']:.2f} GB peak RSS) | | | "
+                    f"{_pct(r['images_per_s'], facts.get('flops', 0), _peak_for(results, facts))} | "
+                    f"{'≥ 300 images/s' if role == 'default' else ''} |")
     if "training" in results:
         r = results["training"]
-        rows.append(f"| 3 | paper-cnn training vs the authors' Keras-2 style loader, flow_from_directory (images/s) | "
-                    f"{r['ours']:.0f} | {r['authors_flow']:.0f} | {r['ours'] / r['authors_flow']:.2f}x | ≥ 2x |")
-        rows.append(f"| 3 | paper-cnn training vs RGB `image_dataset_from_directory`, parallel tf.data decode (images/s) | "
-                    f"{r['ours']:.0f} | {r['authors']:.0f} | {r['ours'] / r['authors']:.2f}x | |")
-        rows.append(f"| 3 | our input pipeline on plain `model.fit`, without `fast_training` (images/s) | "
-                    f"{r['ours_plain']:.0f} | {r['authors_flow']:.0f} | {r['ours_plain'] / r['authors_flow']:.2f}x | |")
-        rows.append(f"| 3 | ceiling: our training computation on one in-memory batch, no input pipeline (images/s) | "
-                    f"{r['compute_bound']:.0f} | | {r['ours'] / r['compute_bound']:.2f} of ceiling | |")
+        rows.append(f"| 3 | paper-cnn training vs the authors' Keras-2 style loader, flow_from_directory (images/s) | paper-cnn | "
+                    f"{r['ours']:.0f} | {r['authors_flow']:.0f} | {r['ours'] / r['authors_flow']:.2f}x | | ≥ 2x |")
+        rows.append(f"| 3 | paper-cnn training vs RGB `image_dataset_from_directory`, parallel tf.data decode (images/s) | paper-cnn | "
+                    f"{r['ours']:.0f} | {r['authors']:.0f} | {r['ours'] / r['authors']:.2f}x | | |")
+        rows.append(f"| 3 | our input pipeline on plain `model.fit`, without `fast_training` (images/s) | paper-cnn | "
+                    f"{r['ours_plain']:.0f} | {r['authors_flow']:.0f} | {r['ours_plain'] / r['authors_flow']:.2f}x | | |")
+        rows.append(f"| 3 | ceiling: our training computation on one in-memory batch, no input pipeline (images/s) | paper-cnn | "
+                    f"{r['compute_bound']:.0f} | | {r['ours'] / r['compute_bound']:.2f} of ceiling | | |")
+    if "finetune" in results:
+        r = results["finetune"]
+        full = r["rows"][r["full"]]["images_per_s"]
+        for name, row in r["rows"].items():
+            if name == r["full"]:
+                continue
+            rows.append(f"| 3 | training step, {name} (images/s) | EfficientNet-Lite0 | {row['images_per_s']:.1f} | "
+                        f"{full:.1f} (full fine-tuning) | {row['images_per_s'] / full:.1f}x | | |")
     if "app" in results:
         r = results["app"]
-        rows.append(f"| 4 | `streamlit run` to first page served (s) | {r['start_s']:.1f} | | | |")
-        rows.append(f"| 4 | upload to overlay shown, warm (s) | {r['upload_warm_s']:.2f} | | | ≤ 1 s |")
-        rows.append(f"| 4 | upload to overlay shown, first upload (s) | {r['upload_cold_s']:.2f} | | | |")
+        rows.append(f"| 4 | `streamlit run` to first page served (s) | default | {r['start_s']:.1f} | | | | |")
+        rows.append(f"| 4 | upload to overlay shown, warm (s) | default | {r['upload_warm_s']:.2f} | | | | ≤ 0.5 s |")
+        rows.append(f"| 4 | upload to overlay shown, first upload (s) | default | {r['upload_cold_s']:.2f} | | | | |")
+
     notes = []
-    if "latency" in results:
-        r = results["latency"]
-        notes.append(f"- Latency: {r['n']} runs of ours, {r['n_base']} of the recipe, from PNG bytes to probability + heatmap; {r['note']}.")
-    if "folder" in results:
-        r = results["folder"]
-        notes.append(f"- Folder: {r['n']} test-split PNGs for ours (decode in threads, batches of 64), {r['n_base']} for the per-file loop.")
+    facts = {role: results.get(f"latency:{role}") or results.get(f"folder:{role}") for role in ROLES}
+    model_lines = [f"{label[role]} = `{f['model']}`, {f['flops'] / 1e9:.3f} GFLOP per image forward, "
+                   f"{f['flops_cam'] / 1e9:.3f} with Grad-CAM's backward pass, scored in {f['precision']}"
+                   for role, f in facts.items() if f]
+    if model_lines:
+        notes.append("- Models: " + "; ".join(model_lines) + ". FLOPs = 2 x multiply-adds of the convolutions and "
+                     "Dense layers (BatchNorm, activations, pooling left out).")
+    if peak:
+        bf = f", bfloat16 {peak['bfloat16']:.0f}" if peak.get("bfloat16") else " (no native bfloat16)"
+        notes.append(f"- Peak: best GFLOP/s of a 2048 x 2048 x 2048 TensorFlow matrix product, float32 {peak['float32']:.0f}{bf}. "
+                     "\"of peak\" = images/s x FLOPs per image / the peak of the arithmetic the model ran in.")
+    for role in ROLES:
+        r = results.get(f"latency:{role}")
+        if r:
+            notes.append(f"- Latency ({label[role]}): {r['n']} runs of ours, {r['n_base']} of the recipe, from PNG bytes to "
+                         f"probability + heatmap; {r['note']}; first call (tracing and freezing) {r['first_s']:.1f} s.")
+    r = results.get("folder:default")
+    if r:
+        notes.append(f"- Folder: {r['n']} test-split PNGs for ours (decode in threads, batches of 64, 32 with Grad-CAM), "
+                     f"{r['n_base']} for the per-file loop; page cache warm.")
+    for role in ("default", "paper"):
+        r = results.get(f"cli:{role}")
+        if r:
+            notes.append(f"- End to end ({label[role]}): `{r['command']}` in a fresh process, wall time from start to exit, "
+                         f"{r['n']} rows ({r['errors']} errors).")
     if "training" in results:
         r = results["training"]
         notes.append(f"- Training: each pipeline in its own process; median of {r['rounds']} interleaved rounds of {r['steps']} steps of batch 64 "
                      f"(all rounds, images/s: {r['all']}), after 3 warm-up steps each; ours trains through `fast_training` in {r.get('precision')}; ours decodes the {r['n_decoded']} "
                      f"training images once in {r['decode_s']:.1f} s (not counted above, paid once per run).")
+    if "finetune" in results:
+        r = results["finetune"]
+        notes.append(f"- Fine-tuning: `bench.finetune`, one training step on a batch of {r['batch']} (random data), best of "
+                     f"{r['rounds']} interleaved rounds of {r['steps']} steps; the recipe trains the upper part from cached "
+                     "trunk activations (its cut is in the model card).")
     if "app" in results:
         notes.append(f"- App: {results['app']['note']}")
+
+    extra = []
+    o = results.get("options")
+    if o and "options" in o:
+        pk = _peak_for(results, {"precision": "float32"})
+        bs = o["batch_sizes"]
+        extra += ["", f"Scoring options of the default model, in one process on {o['n_images']} prepared test images "
+                  "(model call only, no decoding), best of interleaved rounds:", "",
+                  "| option | 1 image + Grad-CAM p50 (ms) | " + " | ".join(f"batch {b} images/s" for b in bs) +
+                  " | batch 32 + Grad-CAM images/s | max probability diff vs float32 | Grad-CAM max diff (min corr.) | first calls (s) |",
+                  "|---|---|" + "---|" * len(bs) + "---|---|---|---|"]
+        for name, row in o["options"].items():
+            pk = _peak_for(results, {"precision": "bfloat16" if "bfloat16" in name else "float32"})
+            cells = " | ".join(f"{row[f'plain_b{b}_best']:.0f} ({_pct(row[f'plain_b{b}_best'], o['flops'], pk)})" for b in bs)
+            extra.append(f"| {name}: {row['description']} | {row['latency_ms_best']:.1f} | {cells} | {row['cam_b32_best']:.0f} | "
+                         f"{row['max_prob_diff']:.1e} | {row['cam_max_diff']:.3f} ({row['cam_min_corr']:.4f}) | {row['first_calls_s']:.1f} |")
+        if o.get("skipped"):
+            extra.append(f"\nNot measured (no native bfloat16 on this CPU): {', '.join(o['skipped'])}.")
+    d = results.get("decode")
+    if d:
+        extra += ["", f"Decoding threads and batch size, `Predictor.score_many` on {d['n']} test PNGs without Grad-CAM "
+                  f"(default model, best of {d['rounds']} interleaved rounds; preprocessing alone costs "
+                  f"{d['prepare_ms']:.1f} ms per image on one thread):", "",
+                  "| setting | images/s |", "|---|---|"]
+        extra += [f"| {k} | {v:.0f} |" for k, v in d["images_per_s"].items()]
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return "\n".join([f"Measured {stamp} on {machine_desc}.", "", f"Command: `{command}`", "", *rows, "", *notes])
+    return "\n".join([f"Measured {stamp} on {machine_desc}.", "", f"Default (active) model: `{default_name}`; "
+                      f"paper-cnn = `{PAPER_MODEL}`.", "", f"Command: `{command}`", "", *rows, "", *notes, *extra])
 
 
-def run_part(part: str, args: argparse.Namespace) -> dict:
+PARTS = ("peak", "options", "latency", "folder", "cli", "decode", "finetune", "training", "app")
+
+
+def run_part(part: str, args: argparse.Namespace) -> dict | None:
     """One measurement, in this process."""
     if part.startswith("training:"):
         return bench_training_one(args.data, args.train_steps, part.split(":", 1)[1])
-    from mammo_core.predict import Predictor
-
+    if part == "peak":
+        return bench_peak()
+    if part == "finetune":
+        return bench_finetune(args.finetune_steps)
+    if part.startswith("cli:"):
+        return bench_cli(PAPER_MODEL if part == "cli:paper" else args.model, args.data)
     files = test_files(args.data, max(args.folder_images, args.latency_runs))
     if part == "app":
         return bench_app(files[0])
-    predictor = Predictor.load(args.model)
-    if part == "latency":
+    name, _, role = part.partition(":")
+    predictor = load_role(role or "default", args.model)
+    if predictor is None:
+        return None
+    if name == "latency":
         return bench_latency(predictor, files, args.latency_runs)
+    if name == "options":
+        return bench_options(predictor, files[: args.option_images])
+    if name == "decode":
+        return bench_decode(predictor, files[: args.decode_images])
     return bench_folder(predictor, files[: args.folder_images], args.baseline_images)
 
 
@@ -344,16 +574,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-runs", type=int, default=100)
     parser.add_argument("--folder-images", type=int, default=1024)
     parser.add_argument("--baseline-images", type=int, default=100)
+    parser.add_argument("--option-images", type=int, default=128)
+    parser.add_argument("--decode-images", type=int, default=512)
     parser.add_argument("--train-steps", type=int, default=20)
-    parser.add_argument("--only", nargs="*", choices=("latency", "folder", "training", "app"), default=None)
-    parser.add_argument("--part", choices=("latency", "folder", "app", *(f"training:{c}" for c in TRAINING_CONTENDERS)),
-                        default=None,
-                        help=argparse.SUPPRESS)  # internal: run one measurement and print JSON
+    parser.add_argument("--finetune-steps", type=int, default=6)
+    parser.add_argument("--only", nargs="*", choices=PARTS, default=None)
+    parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
     parser.add_argument("--write", action="store_true", help=f"replace the results block in {DOC.relative_to(REPO)}")
     args = parser.parse_args(argv)
     if args.data is None:
         parser.error("no dataset: pass --data DIR or set MAMMO_DATA_DIR")
-    todo = args.only or ["latency", "folder", "training", "app"]
+    todo = args.only or list(PARTS)
 
     if args.part:
         print(json.dumps(run_part(args.part, args)))
@@ -362,21 +593,32 @@ def main(argv: list[str] | None = None) -> int:
     from mammo_core.registry import resolve_model_dir
 
     desc = machine()
-    model_name = resolve_model_dir(args.model).name
+    model_dir = resolve_model_dir(args.model)
+    model_name = model_dir.name
     results: dict = {}
+    common = ["--model", str(model_dir), "--latency-runs", str(args.latency_runs), "--folder-images", str(args.folder_images),
+              "--baseline-images", str(args.baseline_images), "--option-images", str(args.option_images),
+              "--decode-images", str(args.decode_images), "--finetune-steps", str(args.finetune_steps)]
     # Each measurement runs in its own process: TensorFlow state left by one (threads, traced
     # functions, the baseline's many models) must not slow or speed up the next.
     for i, part in enumerate(todo, start=1):
         print(f"{i}/{len(todo)} {part} ...", file=sys.stderr)
         if part == "training":
             results[part] = bench_training(args.data, args.train_steps)
-            continue
-        results[part] = _run_part(part, data=args.data, extra=[
-            "--model", model_name, "--latency-runs", str(args.latency_runs), "--folder-images",
-            str(args.folder_images), "--baseline-images", str(args.baseline_images)])
+        elif part in ("latency", "folder"):
+            for role in ROLES:
+                results[f"{part}:{role}"] = _run_part(f"{part}:{role}", data=args.data, extra=common)
+        elif part == "cli":
+            for role in ("default", "paper"):
+                results[f"cli:{role}"] = _run_part(f"cli:{role}", data=args.data, extra=common)
+        else:
+            results[part] = _run_part(part, data=args.data, extra=common)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(results, command.strip(), desc + f"; model {model_name}")
+    text = report(results, command.strip(), desc, model_name)
     print(text)
+    import tempfile
+
+    (Path(tempfile.gettempdir()) / "mammo-bench-last.json").write_text(json.dumps(results, indent=1))
     if args.write:
         doc = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
         if BEGIN not in doc:

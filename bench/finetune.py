@@ -19,6 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 BATCH = 32
+FULL = "full fine-tuning (224x224x1 input)"
 
 
 def _contenders() -> dict:
@@ -30,7 +31,7 @@ def _contenders() -> dict:
     out = {}
     full = build_efficientnet_lite0_classifier(weights="imagenet", train_backbone=True, train_batchnorm=False,
                                                drop_connect_rate=0.0)
-    out["full fine-tuning (224x224x1 input)"] = (full, (224, 224, 1), True)
+    out[FULL] = (full, (224, 224, 1), True)
     for cut in finetune.CUTS:
         _, core = finetune.build_parts(cut)
         member = finetune.build_member(core, finetune.Recipe(cut=cut))
@@ -60,6 +61,30 @@ def _step_fn(model, sigmoid_output: bool):
     return step
 
 
+def measure(steps: int = 8, rounds: int = 3) -> dict:
+    """{contender: {"images_per_s": best of rounds, "trainable": parameters}} and "full" (the reference name)."""
+    rng = np.random.default_rng(0)
+    contenders = _contenders()
+    fns, data = {}, {}
+    for name, (model, shape, sigmoid_output) in contenders.items():
+        fns[name] = _step_fn(model, sigmoid_output)
+        data[name] = (rng.random((BATCH, *shape), dtype=np.float32), rng.integers(0, 2, (BATCH, 1)).astype(np.float32))
+        fns[name](*data[name])  # trace
+    best = {name: 0.0 for name in contenders}
+    for _ in range(rounds):
+        for name in contenders:
+            x, y = data[name]
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fns[name](x, y).numpy()
+            best[name] = max(best[name], steps * BATCH / (time.perf_counter() - t0))
+    rows = {name: {"images_per_s": best[name],
+                   "trainable": int(sum(np.prod(w.shape) for w in model.trainable_weights))}
+            for name, (model, _, _) in contenders.items()}
+    return {"rows": rows, "full": FULL, "batch": BATCH, "steps": steps, "rounds": rounds}
+
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.finetune", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="timed steps per contender per round")
@@ -67,28 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from bench.__main__ import machine
 
-    rng = np.random.default_rng(0)
-    contenders = _contenders()
-    steps, data = {}, {}
-    for name, (model, shape, sigmoid_output) in contenders.items():
-        steps[name] = _step_fn(model, sigmoid_output)
-        data[name] = (rng.random((BATCH, *shape), dtype=np.float32), rng.integers(0, 2, (BATCH, 1)).astype(np.float32))
-        steps[name](*data[name])  # trace
-    best = {name: 0.0 for name in contenders}
-    for _ in range(args.rounds):
-        for name in contenders:
-            x, y = data[name]
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                steps[name](x, y).numpy()
-            best[name] = max(best[name], args.steps * BATCH / (time.perf_counter() - t0))
-    full = best["full fine-tuning (224x224x1 input)"]
+    result = measure(args.steps, args.rounds)
+    full = result["rows"][FULL]["images_per_s"]
     print(f"Machine: {machine()}\n")
     print("| contender | trainable parameters | images/s (best of rounds) | x full fine-tuning |")
     print("|---|---|---|---|")
-    for name, (model, _, _) in contenders.items():
-        params = int(sum(np.prod(w.shape) for w in model.trainable_weights))
-        print(f"| {name} | {params:,} | {best[name]:.1f} | {best[name] / full:.1f}x |")
+    for name, row in result["rows"].items():
+        print(f"| {name} | {row['trainable']:,} | {row['images_per_s']:.1f} | {row['images_per_s'] / full:.1f}x |")
     return 0
 
 

@@ -1,0 +1,184 @@
+"""Physical reference and scoring options for `python -m bench` (issue 18).
+
+- `flops_per_image`: multiply-add FLOPs (2 per multiply-add) of every convolution and Dense layer of a
+  Keras model, nested models included (BatchNorm, activations and pooling are memory-bound and left out);
+- `peak_gflops`: the machine's measured peak for that arithmetic, a large matrix product in float32 and,
+  where the CPU has it, bfloat16;
+- `single_member`: a one-member model cut from a fine-tuned ensemble (same trunk, member `index`), scored
+  through the same `Predictor` path, to put the ensemble beside one model;
+- `keras_io_gradcam_ensemble`: the keras-io recipe on the ensemble (grad model built per call);
+- `compare_options`: the scoring options against each other in one process, interleaved, on the same
+  prepared test images: speed and the largest difference from the float32 reference.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+#: The scoring options `compare_options` measures: name -> (EnsembleScorer keyword arguments, description).
+OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
+    "traced-float32": ({"frozen": False, "precision": "float32"},
+                       "traced tf.function, weights as variables (the scorer before issue 18)"),
+    "frozen-float32": ({"frozen": True, "precision": "float32"},
+                       "weights frozen into constants: BatchNorm folded, conv + bias + ReLU6 fused"),
+    "frozen-bfloat16": ({"frozen": True, "precision": "bfloat16"},
+                        "frozen + grappler's oneDNN automatic mixed precision (bfloat16)"),
+}
+
+
+def _layers(model: Any):
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _layers(layer)
+        else:
+            yield layer
+
+
+def flops_per_image(model: Any) -> dict[str, float]:
+    """{"total": FLOPs of one image, "by_type": {layer type: FLOPs}}: 2 x multiply-adds of Conv2D,
+    DepthwiseConv2D and Dense layers, from their kernels and output shapes."""
+    by_type: dict[str, float] = {}
+    for layer in _layers(model):
+        kind = type(layer).__name__
+        if kind not in ("Conv2D", "DepthwiseConv2D", "Dense"):
+            continue
+        kernel = np.asarray(layer.kernel.shape)
+        out = [int(d) for d in layer.output.shape[1:-1]]  # spatial positions (none for Dense)
+        positions = float(np.prod(out)) if out else 1.0
+        if kind == "DepthwiseConv2D":
+            macs = positions * kernel[0] * kernel[1] * kernel[2] * kernel[3]
+        else:  # Conv2D (kh, kw, cin, cout) and Dense (in, out): every kernel entry once per position
+            macs = positions * float(np.prod(kernel))
+        by_type[kind] = by_type.get(kind, 0.0) + 2.0 * float(macs)
+    return {"total": sum(by_type.values()), "by_type": by_type}
+
+
+def peak_gflops(dtype: str = "float32", n: int = 2048, seconds: float = 2.0) -> float:
+    """Best GFLOP/s of an n x n x n matrix product in `dtype` (TensorFlow, oneDNN), over `seconds`."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    a = tf.constant(rng.random((n, n), dtype=np.float32))
+    b = tf.constant(rng.random((n, n), dtype=np.float32))
+    if dtype == "bfloat16":
+        a, b = tf.cast(a, tf.bfloat16), tf.cast(b, tf.bfloat16)
+    matmul = tf.function(lambda x, y: tf.reduce_sum(tf.cast(tf.matmul(x, y)[:1, :1], tf.float32)))
+    matmul(a, b).numpy()
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        matmul(a, b).numpy()
+        best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def single_member(predictor: Any, index: int = 0) -> Any:
+    """A Predictor for member `index` of a fine-tuned ensemble alone: the same trunk, one upper part, the
+    same out-of-distribution layer and that member's temperature; scored by the same code."""
+    from mammo_core import finetune
+    from mammo_core.predict import Predictor
+
+    model, card = predictor.model, predictor.card
+    members = model.get_layer(finetune.MEMBERS_NAME)
+    member = members.get_layer(f"member_{index}")
+    whiten = model.get_layer(finetune.OOD_LAYER).get_weights()
+    cut = ((card.get("cross_validation") or {}).get("training", {}).get("recipe") or {}).get("cut") or \
+        (card.get("config") or {}).get("recipe", {}).get("cut") or finetune.Recipe().cut
+    one = finetune.build_ensemble([member], cut, (whiten[0], whiten[1]))
+    temps = card["ensemble"]["temperatures"]
+    one_card = {**card, "name": f"{card.get('name', 'ensemble')} (member {index} alone)",
+                "ensemble": {**card["ensemble"], "members": 1, "temperatures": [temps[index]]}}
+    return Predictor(one, one_card, predictor.model_dir)
+
+
+def keras_io_gradcam_ensemble(img_array: np.ndarray, model: Any) -> np.ndarray:
+    """keras-io's `make_gradcam_heatmap` on the ensemble's mean logit at the trunk output, as published:
+    a grad model built on every call, one image."""
+    import keras
+    import tensorflow as tf
+
+    from mammo_core import finetune
+
+    image = keras.Input(model.inputs[0].shape[1:])
+    features = model.get_layer(finetune.TRUNK_NAME)(image)
+    mean_logit = keras.ops.mean(model.get_layer(finetune.MEMBERS_NAME)(features), axis=-1, keepdims=True)
+    grad_model = keras.Model(image, [features, mean_logit])
+    with tf.GradientTape() as tape:
+        last_conv_layer_output, preds = grad_model(img_array)
+        class_channel = preds[:, 0]
+    grads = tape.gradient(class_channel, last_conv_layer_output)
+    pooled_grads = tf.reduce_mean(grads, axis=(0, 1, 2))
+    heatmap = last_conv_layer_output[0] @ pooled_grads[..., tf.newaxis]
+    heatmap = tf.squeeze(heatmap)
+    heatmap = tf.maximum(heatmap, 0) / tf.math.reduce_max(heatmap)
+    return heatmap.numpy()
+
+
+def _cam_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(largest absolute difference, lowest correlation) between two stacks of heatmaps."""
+    diff = float(np.abs(a - b).max())
+    corr = min(float(np.corrcoef(x.ravel(), y.ravel())[0, 1]) if x.std() > 0 and y.std() > 0 else 1.0
+               for x, y in zip(a, b))
+    return diff, corr
+
+
+def compare_options(predictor: Any, images: np.ndarray, *, rounds: int = 3, latency_runs: int = 20,
+                    batch_sizes: tuple[int, ...] = (16, 32, 64), cam_images: int = 8) -> dict[str, Any]:
+    """Every option in `OPTIONS` (bfloat16 only where the CPU has it) on the same prepared (N, 224, 224)
+    uint8 images, rounds interleaved: single-image probability + Grad-CAM p50 (ms), model-only images/s
+    without Grad-CAM per batch size and with Grad-CAM at 32, and the largest differences from the float32
+    reference (probability; Grad-CAM maps on `cam_images` images)."""
+    from mammo_core.ensemble import EnsembleScorer, resolve_precision
+
+    scorers, skipped = {}, []
+    for name, (kwargs, _) in OPTIONS.items():
+        if kwargs["precision"] == "bfloat16" and resolve_precision("bfloat16") != "bfloat16":
+            skipped.append(name)
+            continue
+        scorers[name] = EnsembleScorer(predictor.model, predictor.card, **kwargs)
+    reference = scorers["traced-float32"]
+    ref_probs, _, _ = reference(images, with_cam=False)
+    _, _, ref_cams = reference(images[:cam_images], with_cam=True)
+    out: dict[str, Any] = {"skipped": skipped, "options": {}}
+    for name, scorer in scorers.items():
+        t = time.perf_counter()
+        probs, _, _ = scorer(images, with_cam=False)
+        _, _, cams = scorer(images[:cam_images], with_cam=True)
+        first = time.perf_counter() - t
+        mean_diff = float(np.abs(probs.mean(axis=1) - ref_probs.mean(axis=1)).max())
+        cam_diff, cam_corr = _cam_agreement(cams, ref_cams)
+        out["options"][name] = {"description": OPTIONS[name][1], "first_calls_s": first,
+                                "max_prob_diff": mean_diff, "max_member_prob_diff": float(np.abs(probs - ref_probs).max()),
+                                "cam_max_diff": cam_diff, "cam_min_corr": cam_corr,
+                                "latency_ms": [], **{f"plain_b{b}": [] for b in batch_sizes}, "cam_b32": []}
+    for _ in range(rounds):
+        for name, scorer in scorers.items():
+            row = out["options"][name]
+            times = []
+            for i in range(latency_runs):
+                t = time.perf_counter()
+                scorer(images[i % len(images)][None], with_cam=True)
+                times.append(time.perf_counter() - t)
+            row["latency_ms"].append(float(np.median(times)) * 1e3)
+            for b in batch_sizes:
+                t = time.perf_counter()
+                done = 0
+                for start in range(0, len(images) - b + 1, b):
+                    scorer(images[start:start + b], with_cam=False)
+                    done += b
+                row[f"plain_b{b}"].append(done / (time.perf_counter() - t))
+            t = time.perf_counter()
+            scorer(images[:32], with_cam=True)
+            row["cam_b32"].append(32 / (time.perf_counter() - t))
+    for row in out["options"].values():  # best round: the machine's slow phases hit every option
+        row["latency_ms_best"] = min(row["latency_ms"])
+        for key in [k for k in row if k.startswith(("plain_b", "cam_b"))]:
+            row[key + "_best"] = max(row[key])
+    out["batch_sizes"] = list(batch_sizes)
+    out["n_images"] = int(len(images))
+    return out

@@ -1,0 +1,89 @@
+"""The bench's physical reference and report (issue 18): FLOPs per image, the fraction of peak, the
+single member cut from an ensemble, and the report naming the default model. No timings asserted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench import scoring
+from bench.__main__ import report
+
+
+def test_flops_per_image_counts_multiply_adds_of_convolutions_and_dense():
+    import keras
+
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(inp)  # 64 positions x 3*3*3*4
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same")(x)  # 16 positions x 3*3*4
+    inner = keras.Model(inp, x)
+    outer_in = keras.Input((8, 8, 3))
+    y = keras.layers.GlobalAveragePooling2D()(inner(outer_in))
+    y = keras.layers.Dense(2)(y)  # 4*2
+    flops = scoring.flops_per_image(keras.Model(outer_in, y))
+    assert flops["by_type"] == {"Conv2D": 2 * 64 * 108, "DepthwiseConv2D": 2 * 16 * 36, "Dense": 2 * 8}
+    assert flops["total"] == 2 * (64 * 108 + 16 * 36 + 8)
+
+
+def test_efficientnet_lite0_flops_are_the_published_figure():
+    """EfficientNet-Lite0 is about 0.4 G multiply-adds (0.8 GFLOP) at 224x224 with 3-channel input."""
+    from mammo_core.efficientnet_lite import build_efficientnet_lite0
+
+    flops = scoring.flops_per_image(build_efficientnet_lite0(input_shape=(224, 224, 3), weights=None))["total"]
+    assert 0.7e9 < flops < 0.85e9
+
+
+def test_peak_gflops_is_positive():
+    assert scoring.peak_gflops("float32", n=256, seconds=0.05) > 0
+
+
+def test_single_member_scores_like_its_ensemble_member():
+    from mammo_core import finetune
+    from mammo_core.predict import Predictor
+
+    _, core = finetune.build_parts("block6a")
+    members = [finetune.build_member(core, finetune.Recipe(), i) for i in range(2)]
+    whiten = (np.eye(112, dtype=np.float32), np.zeros(112, np.float32))
+    card = {"name": "ens", "ensemble": {"members": 2, "temperatures": [1.0, 2.0]}, "input_pipeline": "breast-crop-v1"}
+    predictor = Predictor(finetune.build_ensemble(members, "block6a", whiten), card)
+    one = scoring.single_member(predictor, 1)
+    assert one.ensemble is not None and one.ensemble.temperatures.tolist() == [2.0]
+    images = np.random.default_rng(0).integers(0, 255, (2, 224, 224), dtype=np.uint8)
+    both, _, _ = predictor.ensemble(images, with_cam=False)
+    alone, _, _ = one.ensemble(images, with_cam=False)
+    np.testing.assert_allclose(alone[:, 0], both[:, 1], atol=1e-5)
+    full, trunk = scoring.flops_per_image(predictor.model)["total"], scoring.flops_per_image(one.model)["total"]
+    assert trunk < full < 2 * trunk  # the trunk is shared: two members cost less than two models
+
+
+def _facts(name, flops, cam):
+    return {"model": name, "flops": flops, "flops_cam": cam, "precision": "float32"}
+
+
+def test_report_names_the_default_model_and_shows_fraction_of_peak():
+    results = {
+        "peak": {"float32": 400.0, "bfloat16": 800.0},
+        "latency:default": {"ours_p50": 20.0, "ours_p95": 25.0, "base_p50": 400.0, "base_p95": 500.0, "n": 10,
+                            "n_base": 5, "note": "n", "first_s": 1.0, **_facts("ens", 2e9, 4e9)},
+        "latency:paper": {"ours_p50": 5.0, "ours_p95": 6.0, "base_p50": 50.0, "base_p95": 60.0, "n": 10,
+                          "n_base": 5, "note": "n", "first_s": 0.2, **_facts("paper-cnn-grouped-split", 0.35e9, 0.35e9)},
+        "folder:default": {"ours": 100.0, "ours_cam": 50.0, "base": 10.0, "n": 64, "n_base": 8, **_facts("ens", 2e9, 4e9)},
+        "cli:default": {"seconds": 20.0, "n": 1908, "errors": 0, "rss_gb": 1.2, "images_per_s": 95.4, "model": "ens",
+                        "command": "python -m mammo_core predict $MAMMO_DATA_DIR/test --model ens --json"},
+    }
+    text = report(results, "python -m bench", "2 cores", "ens")
+    assert "Default (active) model: `ens`" in text
+    # 100 images/s x 2 GFLOP = 200 GFLOP/s = 50 % of a 400 GFLOP/s peak; latency 50/s x 4 GFLOP = 50 %
+    assert "| 2 | folder scoring, probability only (images/s) | default | 100 | 10.0 | 10.0x | 50.0% |" in text
+    assert "| 1 | single image, probability + Grad-CAM, p50 (ms) | default | 20.0 | 400.0 | 20.0x faster | 50.0% |" in text
+    assert "1,908 test images" in text and "≥ 300 images/s" in text
+    assert "paper-cnn = `paper-cnn-grouped-split`" in text
+
+
+@pytest.mark.parametrize("precision,expected", [("float32", "50.0%"), ("bfloat16", "25.0%")])
+def test_fraction_of_peak_uses_the_arithmetic_the_model_ran_in(precision, expected):
+    from bench.__main__ import _pct, _peak_for
+
+    results = {"peak": {"float32": 400.0, "bfloat16": 800.0}}
+    assert _pct(100.0, 2e9, _peak_for(results, {"precision": precision})) == expected
