@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .errors import ModelDirError
 
-__all__ = ["CARD_FILE", "SCHEMA_VERSION", "CardSchema", "dumps", "edit_card", "migrate", "read_card", "validate",
+__all__ = ["CARD_FILE", "SCHEMA_VERSION", "CardSchema", "card_head", "dumps", "edit_card", "migrate", "read_card", "validate",
            "write_card"]
 
 CARD_FILE = "card.json"
@@ -70,6 +70,32 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "cross_validation": (dict,), "cross_validation_patient": (dict,), "ensemble": (dict,), "ood": (dict,),
     "config": (dict,),
 }
+
+
+def card_head(config: Any, model: Any, frame: Any) -> dict[str, Any]:
+    """The fields every freshly trained model's card starts with, from its `train.TrainConfig`, the Keras
+    model and the dataset index it was trained on (training and the ensemble both start here)."""
+    import datetime as dt
+
+    from . import data as data_mod
+    from .config import CLASS_NAMES, IMAGE_SIZE
+    from .model import get_architecture
+    from .preprocessing import CARD_KEY, DESCRIPTIONS
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": config.name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "architecture": config.architecture,
+        "architecture_description": get_architecture(config.architecture).description,
+        "parameters": int(model.count_params()),
+        "input_shape": [IMAGE_SIZE, IMAGE_SIZE, int(config.channels)],
+        "preprocessing": DESCRIPTIONS[config.input_pipeline],
+        CARD_KEY: config.input_pipeline,
+        "class_names": list(CLASS_NAMES),
+        "dataset": {"path": str(config.data_dir), **data_mod.fingerprint(frame, config.data_dir),
+                    "patient_map": config.patient_map},
+    }
 
 
 def migrate(card: dict[str, Any]) -> dict[str, Any]:

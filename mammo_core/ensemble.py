@@ -12,7 +12,6 @@ block5a and block6a cuts).
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from .config import CLASS_NAMES, DEFAULT_THRESHOLD, IMAGE_SIZE
+from .config import DEFAULT_THRESHOLD, IMAGE_SIZE
 
 #: Fraction of the held-out fold's images that the out-of-distribution threshold lets through.
 OOD_PASS_RATE = 0.99
@@ -182,8 +181,7 @@ def train_ensemble_into(config: Any, out: Path, log: Callable[[str], None] = pri
     from .calibration import UNCALIBRATED_COLUMN, brier, operating_points
     from .cv import CVConfig, FineTuneTrainer, run_folds
     from .evaluate import compute_metrics
-    from .model import get_architecture
-    from .preprocessing import CARD_KEY, DESCRIPTIONS
+    from .card import card_head
     from .registry import HISTORY_FILE, MODEL_FILE, PREDICTIONS_FILE, sha256_file
 
     data_root = Path(config.data_dir)
@@ -216,19 +214,9 @@ def train_ensemble_into(config: Any, out: Path, log: Callable[[str], None] = pri
     points = operating_points(table["label"], table["probability"])
     for point in points:
         point["computed_on"] = OOF_TEXT
-    arch = get_architecture(config.architecture)
     unit = "source image" if config.group_by == "source" else "patient"
     card: dict[str, Any] = {
-        "name": config.name,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "architecture": config.architecture,
-        "architecture_description": arch.description,
-        "parameters": int(model.count_params()),
-        "input_shape": [IMAGE_SIZE, IMAGE_SIZE, 1],
-        "preprocessing": DESCRIPTIONS[config.input_pipeline],
-        CARD_KEY: config.input_pipeline,
-        "class_names": list(CLASS_NAMES),
-        "dataset": {"path": str(data_root), **data_mod.fingerprint(frame, data_root), "patient_map": config.patient_map},
+        **card_head(config, model, frame),
         "split": {"protocol": "cross-validation", "group_by": config.group_by, "seed": config.seed, "k": config.folds},
         "training": {**results["training"], "seed": config.seed},
         "ensemble": {"members": len(trainer.members), "temperatures": temperatures,

@@ -29,11 +29,10 @@ import pandas as pd
 from .procs import pid_running
 from . import data as data_mod
 from .config import (CLASS_NAMES, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_SEED, DEFAULT_THRESHOLD,
-                     IMAGE_SIZE, weights_dir)
+                     weights_dir)
 from .errors import DatasetError, MammoError, TrainingBusyError
 from .evaluate import compute_metrics
-from .preprocessing import CARD_KEY as INPUT_PIPELINE_KEY
-from .preprocessing import DESCRIPTIONS as PREPROCESSING_TEXT
+from .card import card_head
 from .registry import (HISTORY_FILE, MODEL_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE,
                        atomic_write_text, record_model, sha256_file, write_card)
 
@@ -486,17 +485,7 @@ def _train_into(config: TrainConfig, out: Path, root: Path, progress_path: Path 
     unit = "source image" if config.group_by == "source" else "patient"
     note = PAPER_SPLIT_NOTE if config.protocol == "paper" else GROUPED_SPLIT_NOTE.format(unit=unit)
     card: dict[str, Any] = {
-        "name": config.name,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "architecture": config.architecture,
-        "architecture_description": arch.description,
-        "parameters": int(model.count_params()),
-        "input_shape": [IMAGE_SIZE, IMAGE_SIZE, config.channels],
-        "preprocessing": PREPROCESSING_TEXT[config.input_pipeline],
-        INPUT_PIPELINE_KEY: config.input_pipeline,
-        "class_names": list(CLASS_NAMES),
-        "dataset": {"path": str(data_root), **data_mod.fingerprint(frame, data_root),
-                    "patient_map": config.patient_map},
+        **card_head(config, model, frame),
         "split": {"protocol": config.protocol, "group_by": config.group_by if config.protocol == "grouped" else None,
                   "seed": config.seed, **_split_summary(frame)},
         "training": {
