@@ -128,6 +128,49 @@ def bench_options(predictor, files: list[Path]) -> dict:
     return {**compare_options(predictor, prepared_images(predictor, files)), **model_facts(predictor)}
 
 
+#: Process-wide oneDNN / TensorFlow settings tried on the frozen float32 scorer, each in its own process.
+ONEDNN_SETTINGS: dict[str, dict[str, str]] = {
+    "defaults (oneDNN on, 2 intra-op threads)": {},
+    "TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1": {"TF_ONEDNN_ASSUME_FROZEN_WEIGHTS": "1"},
+    "TF_ENABLE_ONEDNN_OPTS=0 (Eigen kernels)": {"TF_ENABLE_ONEDNN_OPTS": "0"},
+    "TF_NUM_INTEROP_THREADS=1": {"TF_NUM_INTEROP_THREADS": "1"},
+}
+
+
+def bench_onednn_one(predictor, files: list[Path]) -> dict:
+    """The default model's scoring call alone in this process (its settings come from the environment)."""
+    images = prepared_images(predictor, files)
+    scorer = predictor.ensemble
+    if scorer is None:
+        return {}
+    scorer(images[:1], with_cam=True)
+    scorer(images[:32], with_cam=False)
+    lat = []
+    for i in range(20):
+        t = time.perf_counter()
+        scorer(images[i % len(images)][None], with_cam=True)
+        lat.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    n = 0
+    for start in range(0, len(images) - 31, 32):
+        scorer(images[start:start + 32], with_cam=False)
+        n += 32
+    return {"latency_ms": percentile(lat, 50) * 1e3, "images_per_s": n / (time.perf_counter() - t)}
+
+
+def bench_onednn(data: Path, extra: list[str], rounds: int = 2) -> dict:
+    out = {name: {"latency_ms": [], "images_per_s": []} for name in ONEDNN_SETTINGS}
+    for _ in range(rounds):
+        for name, env in ONEDNN_SETTINGS.items():
+            r = _run_part("onednn-one", data=data, extra=extra, env=env)
+            if not r:
+                return {}
+            for key in ("latency_ms", "images_per_s"):
+                out[name][key].append(r[key])
+    return {"settings": {k: {"latency_ms": min(v["latency_ms"]), "images_per_s": max(v["images_per_s"])}
+                         for k, v in out.items()}, "rounds": rounds}
+
+
 def bench_decode(predictor, files: list[Path], rounds: int = 2) -> dict:
     """Folder scoring (no Grad-CAM) end to end after start-up, by decoding threads and batch size; best of
     interleaved rounds."""
@@ -383,9 +426,9 @@ def bench_training(data: Path, steps: int, rounds: int = 2) -> dict:
             "all": {k: [round(x, 1) for x in v] for k, v in speeds.items()}}
 
 
-def _run_part(part: str, *, data: Path, extra: list[str]) -> dict:
+def _run_part(part: str, *, data: Path, extra: list[str], env: dict[str, str] | None = None) -> dict:
     cmd = [sys.executable, "-m", "bench", "--part", part, "--data", str(data), *extra]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
     if out.returncode != 0:
         print(out.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"benchmark part {part!r} failed")
@@ -526,6 +569,25 @@ def report(results: dict, command: str, machine_desc: str, default_name: str) ->
                          f"{row['max_prob_diff']:.1e} | {row['cam_max_diff']:.3f} ({row['cam_min_corr']:.4f}) | {row['first_calls_s']:.1f} |")
         if o.get("skipped"):
             extra.append(f"\nNot measured (no native bfloat16 on this CPU): {', '.join(o['skipped'])}.")
+    pr = results.get("profile")
+    if pr:
+        pk = _peak_for(results, {"precision": "float32"})
+        extra += ["", "Where the default model's time goes: each piece of its scoring call frozen and timed alone "
+                  "(float32), milliseconds per image and the fraction of the float32 peak it reaches:", "",
+                  "| piece | GFLOP per image | batch 1: ms | of peak | batch 32: ms per image | of peak |",
+                  "|---|---|---|---|---|---|"]
+        for name, row in pr["pieces"].items():
+            extra.append(f"| {name} | {row['flops'] / 1e9:.3f} | {row['b1_ms_per_image']:.1f} | "
+                         f"{_pct(1e3 / row['b1_ms_per_image'], row['flops'], pk)} | {row['b32_ms_per_image']:.2f} | "
+                         f"{_pct(1e3 / row['b32_ms_per_image'], row['flops'], pk)} |")
+        extra.append(f"| decode a test PNG (one thread) | | {pr['decode_ms']:.2f} | | | |")
+        extra.append(f"| `preprocessing.prepare` (breast mask, crop, flip, intensity; one thread) | | {pr['prepare_ms']:.2f} | | | |")
+    e = results.get("onednn")
+    if e:
+        extra += ["", f"oneDNN / TensorFlow settings, each in its own process (default model, frozen float32, best of "
+                  f"{e['rounds']} interleaved rounds):", "", "| setting | 1 image + Grad-CAM p50 (ms) | batch 32 images/s |",
+                  "|---|---|---|"]
+        extra += [f"| {k} | {v['latency_ms']:.1f} | {v['images_per_s']:.0f} |" for k, v in e["settings"].items()]
     d = results.get("decode")
     if d:
         extra += ["", f"Decoding threads and batch size, `Predictor.score_many` on {d['n']} test PNGs without Grad-CAM "
@@ -538,7 +600,7 @@ def report(results: dict, command: str, machine_desc: str, default_name: str) ->
                       f"paper-cnn = `{PAPER_MODEL}`.", "", f"Command: `{command}`", "", *rows, "", *notes, *extra])
 
 
-PARTS = ("peak", "options", "latency", "folder", "cli", "decode", "finetune", "training", "app")
+PARTS = ("peak", "options", "profile", "onednn", "latency", "folder", "cli", "decode", "finetune", "training", "app")
 
 
 def run_part(part: str, args: argparse.Namespace) -> dict | None:
@@ -564,6 +626,15 @@ def run_part(part: str, args: argparse.Namespace) -> dict | None:
         return bench_options(predictor, files[: args.option_images])
     if name == "decode":
         return bench_decode(predictor, files[: args.decode_images])
+    if name == "profile":
+        if predictor.ensemble is None:
+            return None
+        from bench.scoring import profile_pieces
+
+        some = files[: args.option_images]
+        return profile_pieces(predictor, prepared_images(predictor, some[:32]), some)
+    if name == "onednn-one":
+        return bench_onednn_one(predictor, files[: args.option_images])
     return bench_folder(predictor, files[: args.folder_images], args.baseline_images)
 
 
@@ -608,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         elif part in ("latency", "folder"):
             for role in ROLES:
                 results[f"{part}:{role}"] = _run_part(f"{part}:{role}", data=args.data, extra=common)
+        elif part == "onednn":
+            results[part] = bench_onednn(args.data, common)
         elif part == "cli":
             for role in ("default", "paper"):
                 results[f"cli:{role}"] = _run_part(f"cli:{role}", data=args.data, extra=common)

@@ -182,3 +182,63 @@ def compare_options(predictor: Any, images: np.ndarray, *, rounds: int = 3, late
     out["batch_sizes"] = list(batch_sizes)
     out["n_images"] = int(len(images))
     return out
+
+
+def profile_pieces(predictor: Any, images: np.ndarray, files: list, *, runs: int = 10) -> dict[str, Any]:
+    """Where the default model's time goes: each piece of the scoring call frozen and timed alone (batch 1
+    and batch 32), with its FLOPs per image, plus decoding and preprocessing on one thread."""
+    import tensorflow as tf
+
+    from mammo_core.config import IMAGE_SIZE
+    from mammo_core.ensemble import frozen_function
+    from mammo_core.explain import cam_from_gradients
+    from mammo_core.imaging import load_image
+    from mammo_core.preprocessing import prepare
+
+    scorer = predictor.ensemble
+    trunk, members = scorer.trunk, scorer.members
+    feat_shape = tuple(int(d) for d in trunk.output.shape[1:])
+    img_spec = [tf.TensorSpec((None, IMAGE_SIZE, IMAGE_SIZE, 1), tf.float32)]
+    feat_spec = [tf.TensorSpec((None, *feat_shape), tf.float32)]
+
+    def members_cam(features):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(features)
+            total = tf.reduce_sum(tf.reduce_mean(members(features, training=False), axis=-1))
+        return cam_from_gradients(features, tape.gradient(total, features), (IMAGE_SIZE, IMAGE_SIZE))
+
+    pieces = {
+        "trunk forward": (tf.function(lambda x: trunk(x, training=False), input_signature=img_spec), "image"),
+        "members forward": (tf.function(lambda f: members(f, training=False), input_signature=feat_spec), "features"),
+        "members forward + backward to the trunk output, Grad-CAM map": (tf.function(members_cam, input_signature=feat_spec), "features"),
+    }
+    trunk_flops = flops_per_image(trunk)["total"]
+    member_flops = flops_per_image(predictor.model)["total"] - trunk_flops
+    flops = {"trunk forward": trunk_flops, "members forward": member_flops,
+             "members forward + backward to the trunk output, Grad-CAM map": 2 * member_flops}
+    x = images.astype(np.float32)[..., None] / 255.0
+    feats = trunk(tf.constant(x[:32]), training=False).numpy()
+    out: dict[str, Any] = {}
+    for name, (fn, kind) in pieces.items():
+        frozen = frozen_function(fn, tag=name)
+        data = x if kind == "image" else feats
+        row = {"flops": flops[name]}
+        for batch in (1, 32):
+            arg = tf.constant(data[:batch])
+            [t.numpy() for t in tf.nest.flatten(frozen(arg))]
+            times = []
+            for _ in range(runs if batch == 1 else max(3, runs // 3)):
+                t = time.perf_counter()
+                [t_.numpy() for t_ in tf.nest.flatten(frozen(arg))]
+                times.append(time.perf_counter() - t)
+            row[f"b{batch}_ms_per_image"] = float(np.median(times)) / batch * 1e3
+        out[name] = row
+    blobs = [open(f, "rb").read() for f in files[:100]]
+    t = time.perf_counter()
+    decoded = [load_image(b).pixels for b in blobs]
+    decode_ms = (time.perf_counter() - t) / len(blobs) * 1e3
+    t = time.perf_counter()
+    for pixels in decoded:
+        prepare(pixels)
+    prep_ms = (time.perf_counter() - t) / len(blobs) * 1e3
+    return {"pieces": out, "decode_ms": decode_ms, "prepare_ms": prep_ms}

@@ -87,3 +87,27 @@ def test_fraction_of_peak_uses_the_arithmetic_the_model_ran_in(precision, expect
 
     results = {"peak": {"float32": 400.0, "bfloat16": 800.0}}
     assert _pct(100.0, 2e9, _peak_for(results, {"precision": precision})) == expected
+
+
+def test_profile_pieces_cover_the_scoring_call(tmp_path):
+    from mammo_core import finetune
+    from mammo_core.predict import Predictor
+    from tests.factories import png_bytes, synthetic_mammogram
+
+    _, core = finetune.build_parts("block6a")
+    members = [finetune.build_member(core, finetune.Recipe(), i) for i in range(2)]
+    whiten = (np.eye(112, dtype=np.float32), np.zeros(112, np.float32))
+    predictor = Predictor(finetune.build_ensemble(members, "block6a", whiten),
+                          {"name": "ens", "ensemble": {"members": 2, "temperatures": [1.0, 1.0]}})
+    files = []
+    for s in range(2):
+        files.append(tmp_path / f"{s}.png")
+        files[-1].write_bytes(png_bytes(synthetic_mammogram(s, malignant=True)))
+    images = np.stack([synthetic_mammogram(s, malignant=True) for s in range(2)])
+    out = scoring.profile_pieces(predictor, images, files, runs=1)
+    pieces = out["pieces"]
+    trunk = scoring.flops_per_image(predictor.model.get_layer(finetune.TRUNK_NAME))["total"]
+    assert pieces["trunk forward"]["flops"] == trunk
+    assert pieces["members forward"]["flops"] + trunk == scoring.flops_per_image(predictor.model)["total"]
+    assert all(row["b1_ms_per_image"] > 0 and row["b32_ms_per_image"] > 0 for row in pieces.values())
+    assert out["prepare_ms"] > 0
