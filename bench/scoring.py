@@ -87,8 +87,9 @@ def single_member(predictor: Any, index: int = 0) -> Any:
     members = model.get_layer(finetune.MEMBERS_NAME)
     member = members.get_layer(f"member_{index}")
     whiten = model.get_layer(finetune.OOD_LAYER).get_weights()
-    cut = ((card.get("cross_validation") or {}).get("training", {}).get("recipe") or {}).get("cut") or \
-        (card.get("config") or {}).get("recipe", {}).get("cut") or finetune.Recipe().cut
+    recipes = [(card.get("training") or {}).get("recipe"), ((card.get("cross_validation") or {}).get("training") or {}).get("recipe"),
+               (card.get("config") or {}).get("recipe")]
+    cut = next((r["cut"] for r in recipes if r and r.get("cut")), finetune.Recipe().cut)
     one = finetune.build_ensemble([member], cut, (whiten[0], whiten[1]))
     temps = card["ensemble"]["temperatures"]
     one_card = {**card, "name": f"{card.get('name', 'ensemble')} (member {index} alone)",
