@@ -437,10 +437,10 @@ def _run_part(part: str, *, data: Path, extra: list[str], env: dict[str, str] | 
 
 # --- 4. app --------------------------------------------------------------------------------------
 
-def bench_app(sample: Path) -> dict:
+def bench_app(sample: Path, model: str | None = None) -> dict:
     from bench.app import measure_app
 
-    return measure_app(sample)
+    return measure_app(sample, model=model)
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -615,7 +615,9 @@ def run_part(part: str, args: argparse.Namespace) -> dict | None:
         return bench_cli(PAPER_MODEL if part == "cli:paper" else args.model, args.data)
     files = test_files(args.data, max(args.folder_images, args.latency_runs))
     if part == "app":
-        return bench_app(files[0])
+        from mammo_core.registry import resolve_model_dir
+
+        return bench_app(files[0], resolve_model_dir(args.model).name)
     name, _, role = part.partition(":")
     predictor = load_role(role or "default", args.model)
     if predictor is None:

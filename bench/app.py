@@ -30,7 +30,7 @@ def _upload_and_wait(page, url: str, path: Path) -> float:
     Each upload happens on a freshly loaded Review page (a new session holding one file), so the
     detail view shows this file; the model stays loaded in the server process between uploads.
     """
-    page.goto(url + "/review")
+    page.goto(url + "/Review")
     page.wait_for_selector("[data-testid=stFileUploaderDropzoneInput]", state="attached")
     page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')")
     t = time.perf_counter()
@@ -44,8 +44,24 @@ def _upload_and_wait(page, url: str, path: Path) -> float:
     return time.perf_counter() - t
 
 
-def measure_app(sample: Path, *, runs: int = 5) -> dict:
-    """Start the app on the active model, measure, stop it. Needs Debian chromium and playwright."""
+def _weights_with_active(tmp: Path, model: str) -> Path:
+    """A weights folder in `tmp` that links every model folder (and manifest) of ours and names `model`
+    active, so the app can be measured on a model that is not (yet) the active one."""
+    from mammo_core.config import weights_dir
+
+    src = weights_dir()
+    dest = tmp / "weights"
+    dest.mkdir()
+    for entry in src.iterdir():
+        if entry.name != "ACTIVE":
+            (dest / entry.name).symlink_to(entry.resolve())
+    (dest / "ACTIVE").write_text(model + "\n")
+    return dest
+
+
+def measure_app(sample: Path, *, runs: int = 5, model: str | None = None) -> dict:
+    """Start the app on the active model (or on `model`, through a weights folder naming it active),
+    measure, stop it. Needs Debian chromium and playwright."""
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
@@ -54,6 +70,14 @@ def measure_app(sample: Path, *, runs: int = 5) -> dict:
     url = f"http://127.0.0.1:{port}"
     tmp = Path(tempfile.mkdtemp(prefix="mammo-bench-"))
     env = {**os.environ, "MAMMO_AUDIT_DB": str(tmp / "audit.sqlite3"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    for name in ("MAMMO_AUTH_FILE", "MAMMO_NETWORK"):  # open mode on loopback, as the browser tests run it
+        env.pop(name, None)
+    from mammo_core.registry import active_model_name
+
+    if model is not None and model != active_model_name():
+        env["MAMMO_WEIGHTS_DIR"] = str(_weights_with_active(tmp, model))
+    else:
+        model = active_model_name()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
@@ -95,9 +119,6 @@ def measure_app(sample: Path, *, runs: int = 5) -> dict:
         proc.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
     warm.sort()
-    from mammo_core.registry import active_model_name
-
-    model = active_model_name()
     return {"health_s": health_s, "start_s": start_s, "upload_cold_s": cold, "model": model,
             "upload_warm_s": warm[len(warm) // 2],
             "note": (f"the app on its active model ({model}), in headless Chromium via Playwright; first page = the home page's text visible "
