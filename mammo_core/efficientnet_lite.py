@@ -35,6 +35,7 @@ __all__ = [
     "WEIGHTS_PACKAGE",
     "build_efficientnet_lite0",
     "build_efficientnet_lite0_classifier",
+    "build_upper",
     "imagenet_weights_path",
 ]
 
@@ -99,25 +100,46 @@ def _relu6(name: str) -> keras.layers.ReLU:
     return keras.layers.ReLU(max_value=6.0, name=name)
 
 
-def _backbone(image: keras.KerasTensor, *, drop_connect_rate: float) -> tuple[keras.KerasTensor, dict[str, str]]:
-    """Stem, 16 MBConv blocks and head on `image`; returns the `LAST_CONV_LAYER` tensor and layer -> torch prefix."""
+def block_index(name: str) -> int:
+    """Position (0-15) of an MBConv block such as "block6a" in the network."""
+    index = 0
+    for stage, (repeats, *_rest) in enumerate(_STAGES, start=1):
+        for repeat in range(repeats):
+            if name == f"block{stage}{chr(ord('a') + repeat)}":
+                return index
+            index += 1
+    raise ValueError(f"no block named {name!r} in EfficientNet-Lite0")
+
+
+def _backbone(image: keras.KerasTensor, *, drop_connect_rate: float,
+              start_block: int = 0) -> tuple[keras.KerasTensor, dict[str, str]]:
+    """Stem, 16 MBConv blocks and head on `image`; returns the `LAST_CONV_LAYER` tensor and layer -> torch prefix.
+
+    With `start_block` > 0, `image` is the input of that block (an earlier block's output) and only the
+    blocks from it onwards and the head are built, with the same layer names: the upper part of the network.
+    """
     torch_names: dict[str, str] = {}
 
-    # Stem. The extra constant-one "inside" channel carries the folded normalisation offset; it is zero
-    # in the convolution's padding exactly like the normalised image is in the original, see _stem_kernel.
-    inside = keras.layers.Conv2D(
-        1, 1, kernel_initializer="zeros", bias_initializer="ones", trainable=False, name="stem_inside"
-    )(image)
-    x = keras.layers.Concatenate(name="stem_concat")([image, inside])
-    x = keras.layers.Conv2D(_STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
-    torch_names["stem_conv"] = "_conv_stem"
-    x = _bn("stem_bn")(x)
-    torch_names["stem_bn"] = "_bn0"
-    x = _relu6("stem_activation")(x)
+    x = image
+    if start_block == 0:
+        # Stem. The extra constant-one "inside" channel carries the folded normalisation offset; it is zero
+        # in the convolution's padding exactly like the normalised image is in the original, see _stem_kernel.
+        inside = keras.layers.Conv2D(
+            1, 1, kernel_initializer="zeros", bias_initializer="ones", trainable=False, name="stem_inside"
+        )(image)
+        x = keras.layers.Concatenate(name="stem_concat")([image, inside])
+        x = keras.layers.Conv2D(_STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+        torch_names["stem_conv"] = "_conv_stem"
+        x = _bn("stem_bn")(x)
+        torch_names["stem_bn"] = "_bn0"
+        x = _relu6("stem_activation")(x)
 
     index = 0
     for stage, (repeats, kernel, stride, expand, filters_in, filters_out) in enumerate(_STAGES, start=1):
         for repeat in range(repeats):
+            if index < start_block:
+                index += 1
+                continue
             name = f"block{stage}{chr(ord('a') + repeat)}"
             prefix = f"_blocks.{index}"
             block_in, block_stride = (filters_in, stride) if repeat == 0 else (filters_out, 1)
@@ -153,6 +175,19 @@ def _backbone(image: keras.KerasTensor, *, drop_connect_rate: float) -> tuple[ke
     torch_names["top_bn"] = "_bn1"
     x = _relu6(LAST_CONV_LAYER)(x)
     return x, torch_names
+
+
+def build_upper(start: str, input_shape: Sequence[int], source: keras.Model) -> keras.Model:
+    """The network from block `start` (e.g. "block6a") to `LAST_CONV_LAYER`, taking that block's input
+    (shape `input_shape`, e.g. (14, 14, 112)), with the weights of the same-named layers of `source` (a
+    `build_efficientnet_lite0` model). Only those layers are in it, so a saved copy holds only them."""
+    inp = keras.Input(tuple(input_shape), name=f"{start}_input")
+    x, _ = _backbone(inp, drop_connect_rate=0.0, start_block=block_index(start))
+    upper = keras.Model(inp, x, name="upper_core")
+    for layer in upper.layers:
+        if layer.weights:
+            layer.set_weights(source.get_layer(layer.name).get_weights())
+    return upper
 
 
 def _stem_kernel(weight: np.ndarray, channels: int) -> np.ndarray:

@@ -65,13 +65,14 @@ def build_parts(cut: str):
     """(trunk, upper_core): ImageNet EfficientNet-Lite0 split at `CUTS[cut]`; trunk frozen, both uncompiled."""
     import keras
 
-    from .efficientnet_lite import build_efficientnet_lite0
+    from .efficientnet_lite import build_efficientnet_lite0, build_upper
 
     full = build_efficientnet_lite0(input_shape=(IMAGE_SIZE, IMAGE_SIZE, 1), weights="imagenet")
     cut_tensor = full.get_layer(CUTS[cut]).output
     trunk = keras.Model(full.input, cut_tensor, name=TRUNK_NAME)
     trunk.trainable = False
-    core = keras.Model(cut_tensor, full.output, name="upper_core")
+    # built afresh from the cut (not as a view of `full`), so that it and its copies hold only their layers
+    core = build_upper(cut, cut_tensor.shape[1:], full)
     return trunk, core
 
 

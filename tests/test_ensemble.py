@@ -182,3 +182,44 @@ def test_cli_evaluate_reads_out_of_fold_predictions_and_refuses_rescoring(ensemb
     assert "out-of-fold" in capsys.readouterr().out
     assert main(["evaluate", "--model", str(ensemble_dir), "--data", str(tiny_dataset)]) == 1
     assert "no held-out split" in capsys.readouterr().err
+
+
+SHIPPED = "efficientnet-lite0-ft-ensemble"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from mammo_core.config import REPO_ROOT
+
+    path = REPO_ROOT / "weights" / SHIPPED
+    if not (path / "model.keras").is_file():
+        pytest.skip(f"{SHIPPED} is not in weights/")
+    return Predictor.load(path)
+
+
+def test_shipped_ensemble_card_is_complete(shipped):
+    card = shipped.card
+    assert card["ensemble"]["members"] == 5 and len(card["ensemble"]["temperatures"]) == 5
+    for key in ("cross_validation", "cross_validation_patient"):
+        pooled = card[key]["pooled"]
+        assert 0.5 < pooled["auc"] < 1 and pooled["auc_ci"][0] < pooled["auc"] < pooled["auc_ci"][1]
+    assert card["split"]["protocol"] == "cross-validation" and card["input_pipeline"] == "breast-crop-v1"
+    assert card["dataset"]["path"] == "$MAMMO_DATA_DIR"
+
+
+def test_shipped_ensemble_flags_pictures_that_are_not_mammograms(shipped):
+    """Natural photographs, a chest-radiograph-like picture and a text screenshot are flagged; a
+    synthetic breast on black is scored with a members' range."""
+    import skimage.data
+
+    from .factories import png_bytes, synthetic_mammogram
+
+    others = {"camera": skimage.data.camera(), "astronaut": (skimage.data.astronaut().mean(axis=2)).astype(np.uint8),
+              "coffee": (skimage.data.coffee().mean(axis=2)).astype(np.uint8), "page": skimage.data.page(),
+              "noise": np.random.default_rng(0).integers(0, 255, (400, 400), dtype=np.uint8)}
+    preds = list(shipped.score_many([(png_bytes(a), n) for n, a in others.items()], with_cam=False))
+    flagged = [p.name for p in preds if not p.in_distribution]
+    assert len(flagged) >= 4, f"only {flagged} flagged"
+    breast = shipped.score_one(png_bytes(synthetic_mammogram(3, malignant=True, size=400)), name="b", with_cam=True)
+    low, high = breast.probability_interval
+    assert low <= breast.probability <= high and breast.heatmap.shape == (224, 224)
