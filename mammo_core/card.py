@@ -171,11 +171,16 @@ def read_card(model_dir: str | Path) -> dict[str, Any]:
 
 
 def write_card(model_dir: str | Path, card: dict[str, Any]) -> None:
-    """Validate and write a card atomically (readers see the old card or the new one, never a part)."""
+    """Validate and write a card atomically (readers see the old card or the new one, never a part).
+    Paths under the folder MAMMO_DATA_DIR names are written as `$MAMMO_DATA_DIR/...`."""
     from .registry import atomic_write_text
+
+    from .config import data_dir
+    from .data import portable_paths
 
     path = Path(model_dir) / CARD_FILE
     current = migrate(card) if "schema_version" not in card else card
+    current = portable_paths(current, data_dir())  # no machine paths: $MAMMO_DATA_DIR/... instead
     validate(_clean(current), str(path))
     atomic_write_text(path, dumps(current))
 

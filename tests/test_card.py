@@ -81,3 +81,12 @@ def test_shipped_cards_are_current_and_hold_no_machine_paths():
         text = path.read_text()
         for prefix in ('"/work/', '"/home/', '"/tmp/', '"/root/', '"../'):
             assert prefix not in text, f"{path} holds a machine path ({prefix})"
+
+
+def test_writer_replaces_the_data_dir_by_its_name(tmp_path, monkeypatch):
+    data = tmp_path / "dataset"
+    data.mkdir()
+    monkeypatch.setenv("MAMMO_DATA_DIR", str(data))
+    registry.write_card(tmp_path, minimal_card(dataset={"path": str(data)}, config={"patient_map": str(data / "p.csv")}))
+    text = (tmp_path / "card.json").read_text()
+    assert str(data) not in text and '"$MAMMO_DATA_DIR/p.csv"' in text
