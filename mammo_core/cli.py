@@ -1,4 +1,4 @@
-"""Command line: `python -m mammo_core {train,evaluate,predict,models,cv,calibrate}`.
+"""Command line: `python -m mammo_core {train,evaluate,predict,models,cv,calibrate,breast-level,pacs}`.
 
 The CLI calls the same functions as the app. Expected failures (bad image, bad dataset, bad model
 directory, bad option) print one clear line on stderr and exit non-zero, never a traceback.
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_SEED, data_dir
+from .config import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_SEED, DEFAULT_THRESHOLD, data_dir
 from .errors import MammoError
 from .fast_training import PRECISIONS
 
@@ -140,6 +140,40 @@ def cmd_cv(args: argparse.Namespace) -> int:
     if card_dir is not None:
         store_in_card(card_dir, results, allow_other_architecture=args.allow_other_architecture)
         print(f"stored in {card_dir / 'card.json'}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_breast_level(args: argparse.Namespace) -> int:
+    from . import breast_level
+    from .card import read_card
+    from .data import default_patient_map
+    from .registry import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model, root=args.weights)
+    patients_path = args.patient_map
+    if patients_path is None:
+        dataset = args.data or data_dir()
+        found = default_patient_map(dataset) if dataset is not None else None
+        if found is None:
+            _err("no patient map: pass --patient-map FILE, or --data DIR / MAMMO_DATA_DIR with a patients.csv.")
+            return EXIT_FAIL
+        patients_path = found
+    oof = breast_level.read_oof(args.oof)
+    card = read_card(model_dir)
+    if breast_level.copy_auc_matches(oof, card.get("cross_validation_patient")) is False and not args.allow_mismatch:
+        _err(f"{args.oof}: its per-copy AUC differs from the pooled AUC in {model_dir.name}'s cross_validation_patient; "
+             "it is not this model's out-of-fold table (--allow-mismatch to store it anyway).")
+        return EXIT_FAIL
+    block = breast_level.measure(oof, breast_level.read_patients(patients_path), n_boot=args.n_boot,
+                                 seed=args.seed, threshold=args.threshold)
+    block["oof"] = Path(args.oof).as_posix()
+    if args.json:
+        print(json.dumps(block))
+    else:
+        print("\n".join([f"{model_dir.name}: breast- and exam-level, {block['protocol']}"] + breast_level.summary_lines(block)))
+    if args.into_card:
+        breast_level.store_in_card(model_dir, block)
+        print(f"stored in {model_dir / 'card.json'} ({breast_level.CARD_KEY})", file=sys.stderr)
     return EXIT_OK
 
 
@@ -482,6 +516,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--strategy", default="none", choices=STRATEGIES, help=STRATEGY_HELP)
     p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("breast-level", help="breast- and exam-level AUC (max/mean of the views) from a patient-grouped CV's out-of-fold table")
+    p.add_argument("--model", default=None, help="model name or directory (default: the active model)")
+    p.add_argument("--oof", required=True, type=Path, help="oof_predictions.csv of `cv --group-by patient` for this model's recipe")
+    p.add_argument("--patient-map", default=None, help="patients.csv with image_id, patient_id, laterality, view (default: the dataset's)")
+    p.add_argument("--data", type=Path, default=None, help="dataset folder holding patients.csv (default: $MAMMO_DATA_DIR)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of patients (default 2000)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="decision threshold for accuracy, sensitivity, specificity (default %(default)s, as the CV)")
+    p.add_argument("--into-card", action="store_true", help="store the results as the card's breast_level block")
+    p.add_argument("--allow-mismatch", action="store_true", help="store even when the table does not match the card's patient CV")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_breast_level)
 
     p = sub.add_parser("calibrate", help="fit temperature scaling and operating points on a model's validation predictions")
     p.add_argument("--model", default=None, help="model name or directory (default: the active model)")
