@@ -158,3 +158,18 @@ def operating_point_text(op: dict[str, Any]) -> str:
 
 def created_date(card: dict[str, Any]) -> str:
     return str(card.get("created", ""))[:10] or "unknown date"
+
+
+def breast_level_rows(card: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per breast rule of the card's `breast_level` block (mammo_core.breast_level): breast and exam
+    AUC with their patient-bootstrap intervals; empty when the card has none."""
+    block = card.get("breast_level")
+    if not isinstance(block, dict):
+        return []
+    rows = []
+    for rule, figures in (block.get("rules") or {}).items():
+        breast, exam = figures.get("breast") or {}, figures.get("exam") or {}
+        rows.append({"rule": f"{rule} of views" + (" (chosen)" if rule == block.get("chosen_rule") else ""),
+                     f"breast AUC [95 % CI] ({breast.get('n', '?')} breasts)": fmt_ci(breast.get("auc"), breast.get("auc_ci")),
+                     f"exam AUC [95 % CI] ({exam.get('n', '?')} patients)": fmt_ci(exam.get("auc"), exam.get("auc_ci"))})
+    return rows

@@ -183,6 +183,25 @@ def calibration_info(card: dict[str, Any]) -> None:
                 f"computed on {cal.get('computed_on', '?')}.")
 
 
+def breast_level(data: list[tuple[str, dict]]) -> None:
+    """Breast- and exam-level AUC from the cards' `breast_level` blocks (`python -m mammo_core breast-level`)."""
+    shown_any = False
+    for name, card in data:
+        rows = cards.breast_level_rows(card)
+        if not rows:
+            continue
+        if not shown_any:
+            st.subheader("By breast and by exam")
+            shown_any = True
+        block = card["breast_level"]
+        image = block.get("image_level") or {}
+        st.markdown(f"**{shared.plain(name)}** · source-image AUC {cards.fmt_ci(image.get('auc'), image.get('auc_ci'))}")
+        st.table(pd.DataFrame(rows).set_index("rule"))
+        st.caption(f"{shared.plain(block.get('choice_note', ''))} A breast is malignant when any of its views is; "
+                   "the exam takes the higher breast score. From the out-of-fold predictions of patient-grouped "
+                   "cross-validation; 95 % intervals resample patients.")
+
+
 def main() -> None:
     st.title("Metrics")
     entries = shared.usable_models()
@@ -212,6 +231,7 @@ def main() -> None:
     for n in selected:
         if cards.is_leaky(cards_[n]):
             st.warning(f"{shared.plain(n)}: " + shared.LEAKY_BANNER, icon=":material/warning:")
+    breast_level([(n, cards_[n]) for n in selected])
 
     data: list[tuple[str, dict, pd.DataFrame, dict]] = []
     for name in selected:

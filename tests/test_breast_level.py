@@ -16,6 +16,8 @@ from mammo_core.card import read_card
 from mammo_core.cli import main
 from mammo_core.pacs.scoring import combine
 
+from .test_app import app_env  # noqa: F401  (fixture)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -143,3 +145,22 @@ def test_real_patient_map_gives_breasts_for_the_shipped_default():
         block = breast_level.measure(oof, patients, n_boot=50)
     assert block["n_images"] == 106 and block["n_patients"] == 50
     assert block["n_breasts"] == card["breast_level"]["n_breasts"] == 54
+
+
+def test_metrics_page_shows_breast_and_exam_auc(app_env, tiny_weights_copy):
+    from mammo_core import registry
+
+    from .test_app import start
+
+    app_env(tiny_weights_copy)
+    oof, patients = synthetic()
+    block = breast_level.measure(oof, patients, n_boot=50)
+    breast_level.store_in_card(tiny_weights_copy / "tiny-grouped", block)
+    assert "breast_level" in registry.read_card(tiny_weights_copy / "tiny-grouped")
+    at = start("metrics")
+    assert any(s.value == "By breast and by exam" for s in at.subheader)
+    table = next(t.value for t in at.table if "breast AUC [95 % CI] (36 breasts)" in t.value.columns)
+    chosen = f"{block['chosen_rule']} of views (chosen)"
+    fig = block["rules"][block["chosen_rule"]]["breast"]
+    assert table.loc[chosen, "breast AUC [95 % CI] (36 breasts)"].startswith(f"{fig['auc']:.3f} [")
+    assert any("weak evidence" in c.value for c in at.caption)
