@@ -117,6 +117,82 @@ def audit_section(log) -> None:
                            key="audit_csv")
 
 
+# --- the PACS source (shown only when a PACS is configured: appkit.pacs) ----------------------------------
+
+PACS_KEY = "review_pacs"  # session state: found study UIDs, the scored study, pushed results
+
+
+def pacs_source(predictor, threshold: float, config) -> None:
+    """Search the PACS by accession number or date, score one study by image, breast and exam, and push the
+    SR and Secondary Captures back with one button."""
+    from mammo_core.pacs import PacsError
+    from mammo_core.pacs.roundtrip import result_objects
+    from mammo_core.pacs.scoring import json_records, score_study
+
+    from appkit import pacs as pacs_app
+
+    state = st.session_state.setdefault(PACS_KEY, {})
+    st.caption(f"PACS: {shared.plain(config.shown)} (DICOMweb). Exact values only: Orthanc's DICOMweb search "
+               "does not decode escaped characters, so there are no wildcards.")
+    by = st.radio("Search by", ["accession number", "study date"], horizontal=True, key="pacs_by")
+    value = st.text_input("Accession number" if by == "accession number" else "Study date (YYYYMMDD or YYYYMMDD-YYYYMMDD)",
+                          key="pacs_value").strip()
+    try:
+        if st.button("Search", key="pacs_search", disabled=not value):
+            key = {"accession": value} if by == "accession number" else {"date": value}
+            state.clear()
+            pacs = pacs_app.client(config)
+            pacs.check()
+            state["found"] = pacs.find_studies(**key)
+            if not state["found"]:
+                st.info("No study matches.")
+        found = state.get("found") or []
+        if not found:
+            return
+        uid = st.selectbox("Study", found, key="pacs_study", format_func=lambda u: f"Study {u}")
+        if st.button("Score this study", key="pacs_score", type="primary"):
+            with st.spinner("Retrieving and scoring the study…"):
+                images, skipped = pacs_app.client(config).fetch_study(uid)
+                state.pop("pushed", None)
+                state["skipped"] = skipped
+                state["score"] = score_study(predictor, uid, images, with_cam=True) if images else None
+        score = state.get("score")
+        if score is None or score.study_uid != uid:
+            if "skipped" in state and score is None:
+                st.error("This study has no for-presentation MG image to score.")
+            return
+        for s in score.errors:
+            st.error(shared.plain(s.prediction.error))
+        records = json_records(score)
+        images_rows = [{"image": r.get("path") or r.get("sop_instance_uid"), "laterality": r["laterality"] or "?",
+                        "view": r["view"] or "?", "probability": round(r["probability"], 4),
+                        "decision": predictor.decision(r["probability"], threshold)}
+                       for r in records if r["level"] == "image" and r.get("probability") is not None]
+        st.subheader(f"Study: {len(images_rows)} images scored")
+        st.dataframe(pd.DataFrame(images_rows), hide_index=True, key="pacs_images")
+        breasts = [{"breast": {"R": "right", "L": "left"}[r["laterality"]], "views": ", ".join(r["views"]),
+                    "probability": round(r["probability"], 4), "decision": predictor.decision(r["probability"], threshold)}
+                   for r in records if r["level"] == "breast"]
+        if breasts:
+            st.table(pd.DataFrame(breasts).set_index("breast"))
+        if score.exam_probability is not None:
+            st.metric("Exam (higher breast)", f"{score.exam_probability:.3f}",
+                      predictor.decision(score.exam_probability, threshold), delta_color="off")
+        st.caption(f"Breast = {score.rule} of its views; exam = the higher breast. Decisions here at threshold "
+                   f"{threshold:.2f}; the pushed report records the card's threshold ({predictor.threshold:.2f}).")
+        if state.get("pushed"):
+            st.success(state["pushed"])
+        elif st.button("Push results to the PACS (SR + Secondary Captures)", key="pacs_push"):
+            with st.spinner("Storing the report and the captures…"):
+                sr, captures = result_objects(score)
+                pacs_app.client(config).store([*captures, sr], uid)
+            state["pushed"] = (f"Stored a Comprehensive SR and {len(captures)} Secondary Captures into the study "
+                               "(RESEARCH USE ONLY - NOT FOR DIAGNOSIS).")
+            st.success(state["pushed"])
+    except PacsError as exc:  # unreachable, refused credentials, rejected store: one line, no secrets
+        st.error(shared.plain(exc))
+
+
 def main() -> None:
     st.title("Review")
     st.caption("Research tool, not a diagnostic device. Uploaded images stay in memory and are not saved.")
@@ -146,6 +222,13 @@ def main() -> None:
         alpha = st.slider("Grad-CAM opacity", 0.0, 1.0, 0.5, 0.05, key="review_alpha")
         floor = st.slider("Grad-CAM drawn above (share of its peak)", 0.0, 0.95, 0.5, 0.05, key="review_floor",
                           help="Only the upper part of the heat map is coloured; below it the grey image shows.")
+
+    from appkit import pacs as pacs_app
+
+    config = pacs_app.settings()
+    if config is not None and st.radio("Source", ["Upload", "PACS"], horizontal=True, key="review_source") == "PACS":
+        pacs_source(predictor, threshold, config)
+        return
 
     uploads = st.file_uploader("Mammograms, one or many: PNG, JPEG, TIFF, BMP or DICOM (a DICOM file may have no "
                                "extension, e.g. IM00001)", type=None, accept_multiple_files=True, key="review_uploads")
