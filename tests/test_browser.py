@@ -147,8 +147,8 @@ def _screenshot(page, path: Path) -> None:
     width, height = page.viewport_size["width"], page.viewport_size["height"]
     sheet = Image.new("RGB", (width, max(total, height) + (height - view)), "white")
     header = int(page.evaluate("() => document.querySelector('[data-testid=stHeader]')?.offsetHeight || 0"))
-    y, pieces = 0, path.with_suffix(".part.png")
-    while True:
+    y, pieces, previous = 0, path.with_suffix(".part.png"), None
+    for _ in range(30):  # bounded: a page that stops scrolling must not hang the test
         top = page.evaluate(f"(y) => {{ {main}.scrollTo(0, y); return {main}.scrollTop; }}", y)
         time.sleep(0.8)  # charts in the newly shown part draw
         page.screenshot(path=str(pieces))
@@ -157,8 +157,9 @@ def _screenshot(page, path: Path) -> None:
             shot = shot.crop((0, header, width, height))
         sheet.paste(shot, (0, int(top) + (header if top > 0 else 0)))
         bottom = int(top) + (header if top > 0 else 0) + shot.height
-        if top + view >= total or y > 20_000:
+        if top + view >= total or y > 20_000 or top == previous:
             break
+        previous = top
         y = top + view - header
     pieces.unlink()
     page.evaluate(f"() => {main}.scrollTo(0, 0)")
