@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 LIGHT = ["mammo_core.imaging", "mammo_core.dicom", "mammo_core.preprocessing", "mammo_core.evaluate",
-         "mammo_core.calibration", "mammo_core.card", "mammo_core.data", "mammo_core.registry", "mammo_core.audit"]
+         "mammo_core.calibration", "mammo_core.card", "mammo_core.data", "mammo_core.registry", "mammo_core.audit",
+         "mammo_core.breast_level"]
 
 
 @pytest.mark.parametrize("module", LIGHT)
