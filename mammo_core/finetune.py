@@ -275,8 +275,8 @@ def build_ensemble(members: Sequence[Any], cut: str, ood_weights: tuple[np.ndarr
     trunk, core = build_parts(cut)
     acts = keras.Input(core.input.shape[1:], name="activations")
     clean = []
-    for m in members:  # uncompiled copies: the saved file carries no optimizer state
-        copy = keras.models.clone_model(m)
+    for m in members:  # rebuilt from their config: Keras' clone_model would copy the optimizer into the file
+        copy = keras.Model.from_config(m.get_config())
         copy.set_weights(m.get_weights())
         clean.append(copy)
     outs = [m(acts) for m in clean]

@@ -223,3 +223,18 @@ def test_shipped_ensemble_flags_pictures_that_are_not_mammograms(shipped):
     breast = shipped.score_one(png_bytes(synthetic_mammogram(3, malignant=True, size=400)), name="b", with_cam=True)
     low, high = breast.probability_interval
     assert low <= breast.probability <= high and breast.heatmap.shape == (224, 224)
+
+
+def test_saved_ensemble_carries_no_optimizer_state(ensemble_dir):
+    """The members are trained compiled; the saved model must hold only weights (an optimizer's slots would
+    triple the file)."""
+    import io
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(ensemble_dir / "model.keras") as archive:
+        weights = h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r")
+        names: list[str] = []
+        weights.visit(names.append)
+    assert not [n for n in names if "optimizer" in n]
