@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from pydicom.dataset import Dataset
 
 from .errors import PacsError
-from .study import StudyImage, image_from_bytes, skip_reason
+from .study import StudyImage, sort_study
 from .vocabulary import DEFAULT_AET, MG_MODALITY
 
 #: Seconds to wait for an association, a reply or network activity.
@@ -161,20 +161,8 @@ class DimsePacs:
                                        f"{f' ({failed} images not sent)' if failed else ''}.")
             finally:
                 assoc.release()
-        images = []
-        for data in received:
-            try:
-                image = image_from_bytes(data)
-            except Exception as exc:  # pydicom raises many types on a damaged header
-                skipped.append(f"a received instance has an unreadable header ({type(exc).__name__}).")
-                continue
-            reason = skip_reason(image.header)
-            if reason:
-                skipped.append(f"instance {image.sop_uid}: not scored ({reason}).")
-            else:
-                images.append(image)
-        images.sort(key=lambda im: (im.laterality or "~", im.view or "~", im.sop_uid))
-        return images, skipped
+        images, unreadable = sort_study(("a received instance", data) for data in received)
+        return images, skipped + unreadable
 
     def store(self, datasets: Sequence[Dataset], study_uid: str) -> None:
         """C-STORE result objects (they already carry the study's UIDs). Raises PacsError on any failure."""

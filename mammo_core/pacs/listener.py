@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from .roundtrip import Pacs, StudyOutcome, score_images
 from .scoring import DEFAULT_BREAST_RULE
-from .study import image_from_bytes, skip_reason
+from .study import sort_study
 from .vocabulary import DEFAULT_AET
 
 #: Seconds without a new image after which a study counts as complete.
@@ -101,19 +101,8 @@ class StudyListener:
                 self._score(study)
 
     def _score(self, study: str) -> None:
-        images, skipped = [], []
-        for path in sorted((self.out_dir / study).glob("*.dcm")):
-            try:
-                image = image_from_bytes(path.read_bytes())
-            except Exception as exc:  # a damaged header: say which file, carry on
-                skipped.append(f"{path.name}: unreadable DICOM header ({type(exc).__name__}).")
-                continue
-            reason = skip_reason(image.header)
-            if reason:
-                skipped.append(f"instance {image.sop_uid}: not scored ({reason}).")
-            else:
-                images.append(image)
-        images.sort(key=lambda im: (im.laterality or "~", im.view or "~", im.sop_uid))
+        images, skipped = sort_study((path.name, path.read_bytes())
+                                     for path in sorted((self.out_dir / study).glob("*.dcm")))
         try:
             outcome = score_images(self.predictor, study, images, skipped, rule=self.rule, push_to=self.push_to)
         except Exception as exc:  # a failed push must not stop the listener

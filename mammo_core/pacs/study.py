@@ -8,6 +8,7 @@ series' Laterality; the view from View Position, else the View Code Sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 from io import BytesIO
 
 from pydicom import dcmread
@@ -109,3 +110,23 @@ def to_part10(ds: Dataset) -> bytes:
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def sort_study(received: Iterable[tuple[str, bytes]]) -> tuple[list[StudyImage], list[str]]:
+    """The images of a study to score, in a stable order (laterality, view, SOP UID), and one line per
+    instance left out: an unreadable header (`name` says which), or not an MG image for presentation."""
+    images: list[StudyImage] = []
+    skipped: list[str] = []
+    for name, data in received:
+        try:
+            image = image_from_bytes(data)
+        except Exception as exc:  # pydicom raises many types on a damaged header
+            skipped.append(f"{name}: unreadable DICOM header ({type(exc).__name__}).")
+            continue
+        reason = skip_reason(image.header)
+        if reason:
+            skipped.append(f"instance {image.sop_uid}: not scored ({reason}).")
+        else:
+            images.append(image)
+    images.sort(key=lambda im: (im.laterality or "~", im.view or "~", im.sop_uid))
+    return images, skipped
