@@ -14,6 +14,7 @@ models.png. Skipped, with the reason, when Chromium or Playwright is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -62,15 +63,11 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"streamlit did not answer on {url} within {timeout:.0f} s")
 
 
-@pytest.fixture
-def server(tiny_weights_copy, tmp_path):
-    """A fresh `streamlit run app.py` on a free loopback port, on a private copy of the tiny models."""
+@contextlib.contextmanager
+def streamlit_app(env: dict, log_path: Path):
+    """`streamlit run app.py` with `env` on a free loopback port; yields its URL; stopped by process group."""
     port = _free_port()
-    env = {**os.environ, "MAMMO_WEIGHTS_DIR": str(tiny_weights_copy), "MAMMO_AUDIT_DB": str(tmp_path / "audit.sqlite3"),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
-    for name in ("MAMMO_DATA_DIR", "MAMMO_AUTH_FILE", "MAMMO_NETWORK"):
-        env.pop(name, None)
-    log = open(tmp_path / "streamlit.log", "wb")
+    log = open(log_path, "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address",
          "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
@@ -79,7 +76,7 @@ def server(tiny_weights_copy, tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc, timeout=90)
-        yield url, tiny_weights_copy
+        yield url
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -89,6 +86,17 @@ def server(tiny_weights_copy, tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         log.close()
+
+
+@pytest.fixture
+def server(tiny_weights_copy, tmp_path):
+    """A fresh `streamlit run app.py` on a free loopback port, on a private copy of the tiny models."""
+    env = {**os.environ, "MAMMO_WEIGHTS_DIR": str(tiny_weights_copy), "MAMMO_AUDIT_DB": str(tmp_path / "audit.sqlite3"),
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    for name in ("MAMMO_DATA_DIR", "MAMMO_AUTH_FILE", "MAMMO_NETWORK"):
+        env.pop(name, None)
+    with streamlit_app(env, tmp_path / "streamlit.log") as url:
+        yield url, tiny_weights_copy
 
 
 @pytest.fixture

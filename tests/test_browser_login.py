@@ -7,18 +7,14 @@ the reason, when Chromium or Playwright is missing."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import bcrypt
 import pytest
 
 from mammo_core.audit import AuditLog
-from mammo_core.config import REPO_ROOT
 
-from .test_browser import CHROMIUM, _free_port, _wait_healthy
+from .test_browser import CHROMIUM, streamlit_app
 
 pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -36,30 +32,12 @@ def shared_server(tiny_weights, tmp_path):
                      % bcrypt.hashpw(b"reader-pass", bcrypt.gensalt(rounds=4)).decode())
     users.chmod(0o600)
     audit = tmp_path / "audit" / "audit.sqlite3"
-    port = _free_port()
     env = {**os.environ, "MAMMO_WEIGHTS_DIR": str(tiny_weights), "MAMMO_AUDIT_DB": str(audit),
            "MAMMO_AUTH_FILE": str(users), "MAMMO_NETWORK": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("MAMMO_DATA_DIR", None)
     env.pop("MAMMO_AUDIT_KEEP_FILE_NAMES", None)
-    log = open(tmp_path / "streamlit.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address",
-         "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
-         "--browser.gatherUsageStats", "false"],
-        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc, timeout=90)
+    with streamlit_app(env, tmp_path / "streamlit.log") as url:
         yield url, audit
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
 
 
 def test_reader_signs_in_and_file_names_render_as_plain_text(shared_server, sample_png, tmp_path):
