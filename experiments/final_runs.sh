@@ -5,7 +5,7 @@
 # 3. the ensemble: 5-fold CV grouped by source image, members shipped; 4. the same recipe grouped by patient.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export MAMMO_DATA_DIR=${MAMMO_DATA_DIR:-/work/shared/data/augmented-inbreast}
+export MAMMO_DATA_DIR=${MAMMO_DATA_DIR:-../shared/data/augmented-inbreast}
 PY=.venv/bin/python
 best=$($PY - <<'PY'
 import json

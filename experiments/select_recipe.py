@@ -3,7 +3,7 @@ import os, json, sys, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"]="2"
 from mammo_core.cv import CVConfig, run_cv
 from mammo_core.finetune import Recipe
-DATA="/work/shared/data/augmented-inbreast"
+DATA = os.environ.get("MAMMO_DATA_DIR", "../shared/data/augmented-inbreast")
 configs = [
  ("A-pad", "breast-crop-v1", Recipe()),
  ("B-lr3e-4", "breast-crop-v1", Recipe(learning_rate=3e-4)),
