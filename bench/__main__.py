@@ -226,9 +226,15 @@ def bench_finetune(steps: int) -> dict:
 def keras_io_gradcam(img_array, model, last_conv_layer_name):
     """keras-io examples/vision/grad_cam.py `make_gradcam_heatmap`, as published (grad model built per call)."""
     import keras
-    import tensorflow as tf
 
     grad_model = keras.models.Model(model.inputs, [model.get_layer(last_conv_layer_name).output, model.output])
+    return recipe_heatmap(grad_model, img_array)
+
+
+def recipe_heatmap(grad_model, img_array):
+    """The body of keras-io's `make_gradcam_heatmap` on a grad model giving (feature map, predictions)."""
+    import tensorflow as tf
+
     with tf.GradientTape() as tape:
         last_conv_layer_output, preds = grad_model(img_array)
         class_channel = preds[:, 0]

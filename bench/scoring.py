@@ -101,23 +101,15 @@ def keras_io_gradcam_ensemble(img_array: np.ndarray, model: Any) -> np.ndarray:
     """keras-io's `make_gradcam_heatmap` on the ensemble's mean logit at the trunk output, as published:
     a grad model built on every call, one image."""
     import keras
-    import tensorflow as tf
 
     from mammo_core import finetune
 
     image = keras.Input(model.inputs[0].shape[1:])
     features = model.get_layer(finetune.TRUNK_NAME)(image)
     mean_logit = keras.ops.mean(model.get_layer(finetune.MEMBERS_NAME)(features), axis=-1, keepdims=True)
-    grad_model = keras.Model(image, [features, mean_logit])
-    with tf.GradientTape() as tape:
-        last_conv_layer_output, preds = grad_model(img_array)
-        class_channel = preds[:, 0]
-    grads = tape.gradient(class_channel, last_conv_layer_output)
-    pooled_grads = tf.reduce_mean(grads, axis=(0, 1, 2))
-    heatmap = last_conv_layer_output[0] @ pooled_grads[..., tf.newaxis]
-    heatmap = tf.squeeze(heatmap)
-    heatmap = tf.maximum(heatmap, 0) / tf.math.reduce_max(heatmap)
-    return heatmap.numpy()
+    from bench.__main__ import recipe_heatmap
+
+    return recipe_heatmap(keras.Model(image, [features, mean_logit]), img_array)
 
 
 def _cam_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
