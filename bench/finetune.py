@@ -33,6 +33,8 @@ def _contenders() -> dict:
                                                drop_connect_rate=0.0)
     out[FULL] = (full, (224, 224, 1), True)
     for cut in finetune.CUTS:
+        if finetune.CUTS[cut] is None:  # "stem" is full fine-tuning, the row above
+            continue
         _, core = finetune.build_parts(cut)
         member = finetune.build_member(core, finetune.Recipe(cut=cut))
         out[f"partial from cache, from {cut} ({'x'.join(str(d) for d in core.input.shape[1:])})"] = (

@@ -14,6 +14,10 @@ configs = [
  ("D-lr3e-4-copies32", "breast-crop-v1", Recipe(learning_rate=3e-4, copies_per_source=32)),
  ("E-lr3e-4-reg", "breast-crop-v1", Recipe(learning_rate=3e-4, dropout=0.5, weight_decay=1e-3)),
  ("F-lr3e-4-block5a", "breast-crop-v1", Recipe(learning_rate=3e-4, cut="block5a")),
+ # third round (session of 2026-11-30 evening), both declared before either ran: full fine-tuning of the
+ # whole network from cached decoded inputs, at a lower rate and at D's rate and copies
+ ("G-full-lr1e-4", "breast-crop-v1", Recipe(cut="stem", learning_rate=1e-4)),
+ ("H-full-lr3e-4-copies32", "breast-crop-v1", Recipe(cut="stem", learning_rate=3e-4, copies_per_source=32)),
 ]
 only = sys.argv[1:] 
 for name, prep, recipe in configs:

@@ -275,8 +275,10 @@ class FineTuneTrainer:
     def budget(self) -> dict[str, Any]:
         n = len(self.activations)
         return {
-            "strategy": f"ImageNet EfficientNet-Lite0 trunk frozen up to {self.ft.CUTS[self.recipe.cut]} (activations "
-                        f"cached once per image); stages from {self.recipe.cut} and a Dense(1) head fine-tuned per fold",
+            "strategy": ("ImageNet EfficientNet-Lite0 fine-tuned whole (BatchNorm frozen) from decoded inputs cached "
+                         "once per image, with a Dense(1) head, per fold" if self.ft.CUTS[self.recipe.cut] is None else
+                         f"ImageNet EfficientNet-Lite0 trunk frozen up to {self.ft.CUTS[self.recipe.cut]} (activations "
+                         f"cached once per image); stages from {self.recipe.cut} and a Dense(1) head fine-tuned per fold"),
             "recipe": self.ft.recipe_dict(self.recipe),
             "optimizer": "adamw", "class_weighted": True, "batchnorm": "inference mode, ImageNet statistics, frozen",
             "selection": "epoch with the best validation AUC (Keras EarlyStopping, restore_best_weights)",

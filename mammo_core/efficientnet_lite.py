@@ -178,11 +178,11 @@ def _backbone(image: keras.KerasTensor, *, drop_connect_rate: float,
 
 
 def build_upper(start: str, input_shape: Sequence[int], source: keras.Model) -> keras.Model:
-    """The network from block `start` (e.g. "block6a") to `LAST_CONV_LAYER`, taking that block's input
+    """The network from block `start` (e.g. "block6a", or "stem" for the whole network) to `LAST_CONV_LAYER`, taking that block's input
     (shape `input_shape`, e.g. (14, 14, 112)), with the weights of the same-named layers of `source` (a
     `build_efficientnet_lite0` model). Only those layers are in it, so a saved copy holds only them."""
     inp = keras.Input(tuple(input_shape), name=f"{start}_input")
-    x, _ = _backbone(inp, drop_connect_rate=0.0, start_block=block_index(start))
+    x, _ = _backbone(inp, drop_connect_rate=0.0, start_block=0 if start == "stem" else block_index(start))
     upper = keras.Model(inp, x, name="upper_core")
     for layer in upper.layers:
         if layer.weights:

@@ -27,8 +27,9 @@ import numpy as np
 
 from .config import IMAGE_SIZE
 
-#: Cut points: name of the first trained block -> the trunk layer whose output feeds it.
-CUTS: dict[str, str] = {"block5a": "block4c_add", "block6a": "block5c_add", "block7a": "block6d_add"}
+#: Cut points: name of the first trained block -> the trunk layer whose output feeds it. "stem" is full
+#: fine-tuning: the trunk is the identity and the "activations" cached are the model inputs themselves.
+CUTS: dict[str, str | None] = {"stem": None, "block5a": "block4c_add", "block6a": "block5c_add", "block7a": "block6d_add"}
 TRUNK_NAME, MEMBERS_NAME, OOD_LAYER = "trunk", "members", "ood_whiten"
 ARCHITECTURE = "efficientnet-lite0-ft"
 
@@ -68,8 +69,12 @@ def build_parts(cut: str):
     from .efficientnet_lite import build_efficientnet_lite0, build_upper
 
     full = build_efficientnet_lite0(input_shape=(IMAGE_SIZE, IMAGE_SIZE, 1), weights="imagenet")
-    cut_tensor = full.get_layer(CUTS[cut]).output
-    trunk = keras.Model(full.input, cut_tensor, name=TRUNK_NAME)
+    if CUTS[cut] is None:  # full fine-tuning: nothing is frozen below the trained part
+        cut_tensor = full.input
+        trunk = keras.Model(full.input, keras.layers.Identity(name="trunk_identity")(full.input), name=TRUNK_NAME)
+    else:
+        cut_tensor = full.get_layer(CUTS[cut]).output
+        trunk = keras.Model(full.input, cut_tensor, name=TRUNK_NAME)
     trunk.trainable = False
     # built afresh from the cut (not as a view of `full`), so that it and its copies hold only their layers
     core = build_upper(cut, cut_tensor.shape[1:], full)

