@@ -2,7 +2,7 @@
 AUC with its interval, by source image and by patient), the single split beside them, the operating
 points with both of their figures, and whether one model's honest numbers are worse than another's.
 
-Pure functions of the card dictionaries (`mammo_core.card` is the schema); no Streamlit here, so the
+Pure functions of the card dictionaries (`mammo_core.store.card` is the schema); no Streamlit here, so the
 pages and the tests share them. Both kinds of card are handled: a single split (`split.protocol` is
 "paper" or "grouped", `metrics.test` on the test split) and a cross-validated ensemble
 (`split.protocol` is "cross-validation", `metrics.test` holds out-of-fold metrics).
@@ -19,7 +19,7 @@ CROSS_VALIDATION = "cross-validation"
 PAPER = "paper"
 GROUPED = "grouped"
 
-#: Readable names for the per-fold columns that `mammo_core.cv` writes.
+#: Readable names for the per-fold columns that `mammo_core.training.cv` writes.
 FOLD_COLUMNS = {
     "fold": "fold", "auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivity", "specificity": "specificity",
     "n_images": "test images", "n_groups": "test groups", "n_source_images": "test source images",
@@ -161,7 +161,7 @@ def created_date(card: dict[str, Any]) -> str:
 
 
 def breast_level_rows(card: dict[str, Any]) -> list[dict[str, str]]:
-    """One row per breast rule of the card's `breast_level` block (mammo_core.breast_level): breast and exam
+    """One row per breast rule of the card's `breast_level` block (mammo_core.evaluation.breast_level): breast and exam
     AUC with their patient-bootstrap intervals; empty when the card has none."""
     block = card.get("breast_level")
     if not isinstance(block, dict):

@@ -20,9 +20,12 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from mammo_core import auth, registry
+from mammo_core import auth
 from mammo_core.config import DEFAULT_THRESHOLD, weights_dir
 from mammo_core.errors import ModelDirError
+from mammo_core.store import registry
+from mammo_core.store.card import read_card
+from mammo_core.store.files import storage_error_message
 
 from . import cards
 
@@ -41,6 +44,8 @@ PAGES = [
 # metric values and table cells wrap instead of being cut with an ellipsis.
 CSS = """
 <style>
+
+
 @media (max-width: 1100px) {
   [data-testid="stMain"] [data-testid="stHorizontalBlock"] { flex-wrap: wrap; row-gap: 0.5rem; }
   [data-testid="stMain"] [data-testid="stColumn"] { min-width: min(100%, 300px) !important; flex: 1 1 300px !important; }
@@ -248,7 +253,7 @@ def model_in_use(name: str | None) -> tuple[Path | None, dict[str, Any], list[st
 @st.cache_resource(show_spinner=False, max_entries=2)
 def _load_predictor(name: str, root: str, signature: tuple):  # noqa: ARG001
     # Imported here so that TensorFlow loads only when a page needs the model, not at first paint.
-    from mammo_core.predict import Predictor
+    from mammo_core.inference.predict import Predictor
 
     model_dir = Path(root) / name
     model, card = registry.load_model(model_dir)
@@ -425,7 +430,7 @@ def make_active(name: str, confirm: bool = False) -> None:
         st.session_state[ACTIVATE_ERROR] = str(exc)
         return
     except OSError as exc:
-        st.session_state[ACTIVATE_ERROR] = registry.storage_error_message(exc, "the active-model marker")
+        st.session_state[ACTIVATE_ERROR] = storage_error_message(exc, "the active-model marker")
         return
     choose_model(name)
 
@@ -446,7 +451,7 @@ def activate_control(name: str, card: dict[str, Any], *, where: str) -> bool:
     active_card = None
     if active:
         try:
-            active_card = registry.read_card(root / active)
+            active_card = read_card(root / active)
         except ModelDirError:
             active_card = None
     concerns = cards.activation_concerns(card, active_card, active)
@@ -500,7 +505,7 @@ def plain_label(text: Any) -> str:
 def for_session(pred: Any) -> Any:
     """Shrink a Prediction's decoded image to display size (plots.DISPLAY_MAX_SIDE) before it is kept
     in session state; the full-size pixels are only needed while scoring."""
-    from mammo_core.plots import DISPLAY_MAX_SIDE, fit_for_display
+    from appkit.plots import DISPLAY_MAX_SIDE, fit_for_display
 
     image = getattr(pred, "image", None)
     if image is not None and max(image.pixels.shape[:2]) > DISPLAY_MAX_SIDE:

@@ -79,7 +79,7 @@ def model_facts(predictor) -> dict:
 
     forward = flops_per_image(predictor.model)["total"]
     if predictor.ensemble is not None:  # the backward pass runs through the members only (input gradients)
-        from mammo_core.finetune import TRUNK_NAME
+        from mammo_core.training.finetune import TRUNK_NAME
 
         backward = forward - flops_per_image(predictor.model.get_layer(TRUNK_NAME))["total"]
         precision = predictor.ensemble.precision
@@ -91,7 +91,7 @@ def model_facts(predictor) -> dict:
 
 def load_role(role: str, model: str | None):
     """The Predictor for a role (None: the role does not apply, e.g. `member` for a single model)."""
-    from mammo_core.predict import Predictor
+    from mammo_core.inference.predict import Predictor
 
     if role == "paper":
         return Predictor.load(PAPER_MODEL)
@@ -107,9 +107,10 @@ def load_role(role: str, model: str | None):
 
 # --- 0. the machine's peak, and the scoring options against each other -------------------------
 
+
 def bench_peak() -> dict:
     from bench.scoring import peak_gflops
-    from mammo_core.fast_training import cpu_has_native_bfloat16
+    from mammo_core.models.fast_training import cpu_has_native_bfloat16
 
     return {"float32": peak_gflops("float32"),
             "bfloat16": peak_gflops("bfloat16") if cpu_has_native_bfloat16() else None}
@@ -174,7 +175,7 @@ def bench_onednn(data: Path, extra: list[str], rounds: int = 2) -> dict:
 def bench_decode(predictor, files: list[Path], rounds: int = 2) -> dict:
     """Folder scoring (no Grad-CAM) end to end after start-up, by decoding threads and batch size; best of
     interleaved rounds."""
-    from mammo_core.predict import score_paths
+    from mammo_core.inference.predict import score_paths
 
     for f in files:
         f.read_bytes()
@@ -223,6 +224,7 @@ def bench_finetune(steps: int) -> dict:
 
 # --- 1. single-image latency ---------------------------------------------------------------------
 
+
 def keras_io_gradcam(img_array, model, last_conv_layer_name):
     """keras-io examples/vision/grad_cam.py `make_gradcam_heatmap`, as published (grad model built per call)."""
     import keras
@@ -264,9 +266,9 @@ def functional_copy(model):
 
 
 def bench_latency(predictor, files: list[Path], n: int) -> dict:
-    from mammo_core.explain import find_last_conv_layer
-    from mammo_core.imaging import load_image
-    from mammo_core.preprocessing import model_input
+    from mammo_core.inference.explain import find_last_conv_layer
+    from mammo_core.io.images import load_image
+    from mammo_core.io.preprocessing import model_input
 
     blobs = [f.read_bytes() for f in files[:n]]
     t = time.perf_counter()
@@ -308,10 +310,11 @@ def bench_latency(predictor, files: list[Path], n: int) -> dict:
 
 # --- 2. folder throughput ------------------------------------------------------------------------
 
+
 def bench_folder(predictor, files: list[Path], n_base: int) -> dict:
     import keras
 
-    from mammo_core.predict import score_paths
+    from mammo_core.inference.predict import score_paths
 
     for f in files:  # page cache warm for every contender: we measure scoring, not the disk
         f.read_bytes()
@@ -335,6 +338,7 @@ def bench_folder(predictor, files: list[Path], n_base: int) -> dict:
 
 
 # --- 3. training throughput ----------------------------------------------------------------------
+
 
 def _time_fit(model, batches, steps: int) -> float:
     """Images/s of `model.fit` over `steps` batches (after the first call has built and traced it)."""
@@ -379,19 +383,20 @@ def bench_training_one(data: Path, steps: int, contender: str) -> dict:
     import keras
     import tensorflow as tf
 
-    from mammo_core import data as data_mod
-    from mammo_core.model import build_model
+    from mammo_core.data.datasets import scan_dataset
+    from mammo_core.data.pipeline import load_images, make_tf_dataset
+    from mammo_core.models.architectures import build_model
 
     keras.utils.set_random_seed(0)
     decode_s, precision, n_decoded = None, None, None
     if contender in ("ours", "ours_plain", "compute_bound"):
-        from mammo_core.fast_training import training_model
-        from mammo_core.model import get_architecture
+        from mammo_core.models.architectures import get_architecture
+        from mammo_core.models.fast_training import training_model
 
-        frame = data_mod.scan_dataset(data)
+        frame = scan_dataset(data)
         train_paths = frame[frame["given_split"] == "train"]
         t = time.perf_counter()
-        images = data_mod.load_images(train_paths["path"].tolist())
+        images = load_images(train_paths["path"].tolist())
         decode_s, n_decoded = time.perf_counter() - t, len(images)
         model = build_model("paper-cnn", channels=1, compile=contender == "ours_plain")
         if contender != "ours_plain":  # what `mammo_core train` fits: fast_training's equivalent computation
@@ -402,7 +407,7 @@ def bench_training_one(data: Path, steps: int, contender: str) -> dict:
             y0 = train_paths["label"].to_numpy()[:64].astype(np.float32)
             batches = tf.data.Dataset.from_tensors((x0, y0)).cache().repeat()
         else:
-            batches = data_mod.make_tf_dataset(images, train_paths["label"], batch_size=64, shuffle=True).repeat()
+            batches = make_tf_dataset(images, train_paths["label"], batch_size=64, shuffle=True).repeat()
     elif contender == "authors_flow":
         model, batches = build_model("paper-cnn", channels=3), FlowFromDirectory(data / "train", seed=0)
     else:
@@ -443,6 +448,7 @@ def _run_part(part: str, *, data: Path, extra: list[str], env: dict[str, str] | 
 
 # --- 4. app --------------------------------------------------------------------------------------
 
+
 def bench_app(sample: Path, model: str | None = None) -> dict:
     from bench.app import measure_app
 
@@ -450,6 +456,7 @@ def bench_app(sample: Path, model: str | None = None) -> dict:
 
 
 # --- report ---------------------------------------------------------------------------------------
+
 
 def _pct(images_per_s: float | None, flops: float, peak: float | None) -> str:
     if not images_per_s or not peak:
@@ -621,7 +628,7 @@ def run_part(part: str, args: argparse.Namespace) -> dict | None:
         return bench_cli(PAPER_MODEL if part == "cli:paper" else args.model, args.data)
     files = test_files(args.data, max(args.folder_images, args.latency_runs))
     if part == "app":
-        from mammo_core.registry import resolve_model_dir
+        from mammo_core.store.registry import resolve_model_dir
 
         return bench_app(files[0], resolve_model_dir(args.model).name)
     name, _, role = part.partition(":")
@@ -669,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_part(args.part, args)))
         return 0
 
-    from mammo_core.registry import resolve_model_dir
+    from mammo_core.store.registry import resolve_model_dir
 
     desc = machine()
     model_dir = resolve_model_dir(args.model)

@@ -72,7 +72,7 @@ def measure_app(sample: Path, *, runs: int = 5, model: str | None = None) -> dic
     env = {**os.environ, "MAMMO_AUDIT_DB": str(tmp / "audit.sqlite3"), "TF_CPP_MIN_LOG_LEVEL": "3"}
     for name in ("MAMMO_AUTH_FILE", "MAMMO_NETWORK"):  # open mode on loopback, as the browser tests run it
         env.pop(name, None)
-    from mammo_core.registry import active_model_name
+    from mammo_core.store.registry import active_model_name
 
     if model is not None and model != active_model_name():
         env["MAMMO_WEIGHTS_DIR"] = str(_weights_with_active(tmp, model))

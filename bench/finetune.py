@@ -25,8 +25,8 @@ FULL = "full fine-tuning (224x224x1 input)"
 def _contenders() -> dict:
     import keras
 
-    from mammo_core import finetune
-    from mammo_core.efficientnet_lite import build_efficientnet_lite0_classifier
+    from mammo_core.models.efficientnet_lite import build_efficientnet_lite0_classifier
+    from mammo_core.training import finetune
 
     out = {}
     full = build_efficientnet_lite0_classifier(weights="imagenet", train_backbone=True, train_batchnorm=False,
@@ -84,7 +84,6 @@ def measure(steps: int = 8, rounds: int = 3) -> dict:
                    "trainable": int(sum(np.prod(w.shape) for w in model.trainable_weights))}
             for name, (model, _, _) in contenders.items()}
     return {"rows": rows, "full": FULL, "batch": BATCH, "steps": steps, "rounds": rounds}
-
 
 
 def main(argv: list[str] | None = None) -> int:

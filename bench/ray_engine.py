@@ -24,6 +24,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+
 def _timed(rows, n: int):
     """Consume n (row, ...) items; return rows, time to first, time at n // 4 items, time at end."""
     t0 = time.perf_counter()
@@ -44,9 +45,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
-    from mammo_core.data import expand_inputs
-    from mammo_core.predict import Predictor, score_paths
-    from mammo_core.registry import resolve_model_dir
+    from mammo_core.data.datasets import expand_inputs
+    from mammo_core.inference.predict import Predictor, score_paths
+    from mammo_core.store.registry import resolve_model_dir
 
     paths = expand_inputs([args.folder])
     model_dir = resolve_model_dir(None)
@@ -66,7 +67,7 @@ def main() -> None:
 
     import ray
 
-    from mammo_core.ray_engine import score_paths_ray, start_ray
+    from mammo_core.inference.ray_engine import score_paths_ray, start_ray
 
     t0 = time.perf_counter()
     start_ray(None, workers=args.workers)

@@ -80,8 +80,8 @@ def peak_gflops(dtype: str = "float32", n: int = 2048, seconds: float = 2.0) -> 
 def single_member(predictor: Any, index: int = 0) -> Any:
     """A Predictor for member `index` of a fine-tuned ensemble alone: the same trunk, one upper part, the
     same out-of-distribution layer and that member's temperature; scored by the same code."""
-    from mammo_core import finetune
-    from mammo_core.predict import Predictor
+    from mammo_core.inference.predict import Predictor
+    from mammo_core.training import finetune
 
     model, card = predictor.model, predictor.card
     members = model.get_layer(finetune.MEMBERS_NAME)
@@ -102,7 +102,7 @@ def keras_io_gradcam_ensemble(img_array: np.ndarray, model: Any) -> np.ndarray:
     a grad model built on every call, one image."""
     import keras
 
-    from mammo_core import finetune
+    from mammo_core.training import finetune
 
     image = keras.Input(model.inputs[0].shape[1:])
     features = model.get_layer(finetune.TRUNK_NAME)(image)
@@ -126,7 +126,7 @@ def compare_options(predictor: Any, images: np.ndarray, *, rounds: int = 3, late
     uint8 images, rounds interleaved: single-image probability + Grad-CAM p50 (ms), model-only images/s
     without Grad-CAM per batch size and with Grad-CAM at 32, and the largest differences from the float32
     reference (probability; Grad-CAM maps on `cam_images` images)."""
-    from mammo_core.ensemble import EnsembleScorer, resolve_precision
+    from mammo_core.inference.ensemble import EnsembleScorer, resolve_precision
 
     scorers, skipped = {}, []
     for name, (kwargs, _) in OPTIONS.items():
@@ -183,10 +183,10 @@ def profile_pieces(predictor: Any, images: np.ndarray, files: list, *, runs: int
     import tensorflow as tf
 
     from mammo_core.config import IMAGE_SIZE
-    from mammo_core.ensemble import frozen_function
-    from mammo_core.explain import cam_from_gradients
-    from mammo_core.imaging import load_image
-    from mammo_core.preprocessing import prepare
+    from mammo_core.inference.ensemble import frozen_function
+    from mammo_core.inference.explain import cam_from_gradients
+    from mammo_core.io.images import load_image
+    from mammo_core.io.preprocessing import prepare
 
     scorer = predictor.ensemble
     trunk, members = scorer.trunk, scorer.members

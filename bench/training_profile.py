@@ -4,7 +4,7 @@ Each forward and backward piece of one batch-64 training step is timed alone as 
 `tf.function`, on random data of the real shapes. The pieces are the three convolutions (forward,
 filter gradient, input gradient), the bias + ReLU + max-pool passes with their gradients, and the
 dense head. They are timed in both block orders, and the convolutions in float32 and bfloat16.
-`mammo_core.fast_training` was designed from this table. The pieces overlap, and the whole
+`mammo_core.models.fast_training` was designed from this table. The pieces overlap, and the whole
 graph fuses some of them, so the sum is only a guide to a full step.
 """
 

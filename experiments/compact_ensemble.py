@@ -16,9 +16,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from mammo_core import finetune  # noqa: E402
-from mammo_core.card import edit_card  # noqa: E402
-from mammo_core.registry import MODEL_FILE, load_model, sha256_file  # noqa: E402
+from mammo_core.store.card import edit_card  # noqa: E402
+from mammo_core.store.files import sha256_file  # noqa: E402
+from mammo_core.store.registry import MODEL_FILE, load_model
+from mammo_core.training import finetune  # noqa: E402
 
 
 def main(model_dir: Path) -> int:

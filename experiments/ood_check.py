@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mammo_core.predict import Predictor
+from mammo_core.inference.predict import Predictor
 
 
 def png(a: np.ndarray) -> bytes:

@@ -1,8 +1,8 @@
 """Recipe selection (python experiments/select_recipe.py [NAMES...]) on the validation parts of grouped 5-fold CV (test folds never scored)."""
 import os, json, sys, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"]="2"
-from mammo_core.cv import CVConfig, run_cv
-from mammo_core.finetune import Recipe
+from mammo_core.training.cv import CVConfig, run_cv
+from mammo_core.training.finetune import Recipe
 DATA = os.environ.get("MAMMO_DATA_DIR", "../shared/data/augmented-inbreast")
 configs = [
  ("A-pad", "breast-crop-v1", Recipe()),

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import REPO_ROOT
-from .errors import MammoError
+from mammo_core.config import REPO_ROOT
+from mammo_core.errors import MammoError
 
 ROLES: tuple[str, str] = ("reader", "admin")
 AUTH_FILE_ENV = "MAMMO_AUTH_FILE"

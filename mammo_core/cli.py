@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_SEED, DEFAULT_THRESHOLD, data_dir
-from .errors import MammoError
-from .fast_training import PRECISIONS
+from mammo_core.config import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_SEED, DEFAULT_THRESHOLD, data_dir
+from mammo_core.errors import MammoError
+from mammo_core.models.fast_training import PRECISIONS
 
 PRECISION_HELP = ("paper-cnn's training arithmetic: auto = bfloat16 convolutions on a CPU with native bfloat16 "
                   "(same network, about 2x faster), else float32; other architectures always train in float32")
@@ -34,7 +34,8 @@ def _err(message: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import Cancelled, TrainConfig, train
+    from mammo_core.store.run_safety import Cancelled
+    from mammo_core.training.train import TrainConfig, train
 
     dataset = args.data or data_dir()
     if dataset is None:
@@ -57,10 +58,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _err("training interrupted; no model was written.")
         return EXIT_CANCELLED
-    from .distribute import is_chief
+    from mammo_core.training.distribute import is_chief
 
     if args.calibrate and is_chief(args.strategy):  # other multi-worker tasks keep no model
-        from .calibration import calibrate_model_dir
+        from mammo_core.training.calibrate import calibrate_model_dir
 
         cal = calibrate_model_dir(model_dir)["calibration"]
         print(f"calibrated: temperature {cal['temperature']:.4f} (fitted on the validation split)", file=sys.stderr)
@@ -73,7 +74,7 @@ def _recipe_overrides(pairs: Sequence[str] | None) -> dict | None:
         return None
     from dataclasses import fields
 
-    from .finetune import Recipe
+    from mammo_core.training.finetune import Recipe
 
     types = {f.name: type(getattr(Recipe(), f.name)) for f in fields(Recipe)}
     out = {}
@@ -89,14 +90,14 @@ def _recipe_overrides(pairs: Sequence[str] | None) -> dict | None:
 
 
 def _patient_map_for(dataset: Path, group_by: str, given: str | None) -> str | None:
-    from .data import patient_map_for
+    from mammo_core.data.datasets import patient_map_for
 
     return patient_map_for(dataset, group_by, given)
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from .cv import CVConfig, run_cv, store_in_card, write_results
-    from .registry import resolve_model_dir
+    from mammo_core.store.registry import resolve_model_dir
+    from mammo_core.training.cv import CVConfig, run_cv, store_in_card, write_results
 
     card_dir = resolve_model_dir(args.into_card, root=args.weights) if args.into_card else None
     if args.from_results:
@@ -118,11 +119,11 @@ def cmd_cv(args: argparse.Namespace) -> int:
             preprocessing=args.preprocessing, inner_only=args.inner_only, strategy=args.strategy,
         )
         if args.recipe:
-            from .finetune import Recipe
+            from mammo_core.training.finetune import Recipe
 
             config.recipe = Recipe(**_recipe_overrides(args.recipe))
         results, oof = run_cv(config, log=lambda m: print(m, file=sys.stderr, flush=True))
-        from .distribute import is_chief
+        from mammo_core.training.distribute import is_chief
 
         if not is_chief(args.strategy):  # multi-worker: the chief writes and prints the results
             return EXIT_OK
@@ -144,10 +145,10 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 
 def cmd_breast_level(args: argparse.Namespace) -> int:
-    from . import breast_level
-    from .card import read_card
-    from .data import default_patient_map
-    from .registry import resolve_model_dir
+    from mammo_core.data.datasets import default_patient_map
+    from mammo_core.evaluation import breast_level
+    from mammo_core.store.card import read_card
+    from mammo_core.store.registry import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model, root=args.weights)
     patients_path = args.patient_map
@@ -192,8 +193,8 @@ def _print_cv(results: dict) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibration import calibrate_model_dir
-    from .registry import resolve_model_dir
+    from mammo_core.store.registry import resolve_model_dir
+    from mammo_core.training.calibrate import calibrate_model_dir
 
     model_dir = resolve_model_dir(args.model, root=args.weights)
     card = calibrate_model_dir(model_dir)
@@ -211,7 +212,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .registry import active_model_name, list_models
+    from mammo_core.store.registry import active_model_name, list_models
 
     active = active_model_name(args.weights)
     entries = list_models(args.weights)
@@ -253,8 +254,9 @@ def _format_metrics(m: dict) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .evaluate import compute_metrics
-    from .registry import PREDICTIONS_FILE, read_card, resolve_model_dir
+    from mammo_core.evaluation.metrics import compute_metrics
+    from mammo_core.store.card import read_card
+    from mammo_core.store.registry import PREDICTIONS_FILE, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model, root=args.weights)
     card = read_card(model_dir)
@@ -287,23 +289,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _rescore_split(model_dir: Path, card: dict, dataset: Path, split: str):
     import pandas as pd
 
-    from . import data as data_mod
-    from .predict import Predictor
+    from mammo_core.data.datasets import scan_dataset
+    from mammo_core.data.pipeline import load_images
+    from mammo_core.data.splits import assign_split
+    from mammo_core.inference.predict import Predictor
 
     cfg = card.get("config", {})
-    frame = data_mod.scan_dataset(dataset, patient_map=cfg.get("patient_map"))
-    frame = data_mod.assign_split(frame, protocol=card["split"]["protocol"], seed=card["split"]["seed"],
-                                  group_by=cfg.get("group_by", "source"))
+    frame = scan_dataset(dataset, patient_map=cfg.get("patient_map"))
+    frame = assign_split(frame, protocol=card["split"]["protocol"], seed=card["split"]["seed"],
+                         group_by=cfg.get("group_by", "source"))
     part = frame[frame["split"] == split].reset_index(drop=True)
     predictor = Predictor.load(model_dir)
-    images = data_mod.load_images(part["path"].tolist(), preprocessing=predictor.preprocessing)
+    images = load_images(part["path"].tolist(), preprocessing=predictor.preprocessing)
     probs, _ = predictor.score_arrays(images, with_cam=False)
     return pd.DataFrame({"label": part["label"], "probability": probs})
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .data import expand_inputs
-    from .predict import Predictor, score_paths
+    from mammo_core.data.datasets import expand_inputs
+    from mammo_core.inference.predict import Predictor, score_paths
 
     paths = expand_inputs(args.paths)
     if not paths:
@@ -360,7 +364,7 @@ class _PredictOutputs:
     """Where predict's rows go besides stdout: `--out` (CSV/Parquet, `results_out`) and `--audit`."""
 
     def __init__(self, args: argparse.Namespace, model_name: str, model_sha256: str) -> None:
-        from .results_out import ResultsFile
+        from mammo_core.inference.results_out import ResultsFile
 
         self.file = ResultsFile(args.out) if args.out else None
         self.audit = None
@@ -368,7 +372,7 @@ class _PredictOutputs:
         if args.audit:
             import getpass
 
-            from .audit import open_audit_log
+            from mammo_core.store.audit import open_audit_log
 
             self.audit, self.user = open_audit_log(), getpass.getuser()
 
@@ -390,11 +394,12 @@ def _predict_ray(args: argparse.Namespace, paths: list) -> int:
     if args.gradcam or args.save_inputs:
         raise ValueError("--gradcam and --save-inputs need the local engine (--engine local)")
     try:
-        from .ray_engine import score_paths_ray
+        from mammo_core.inference.ray_engine import score_paths_ray
     except ImportError:
         _err("--engine ray needs Ray: pip install -r requirements-cluster.txt")
         return EXIT_FAIL
-    from .registry import read_card, resolve_model_dir
+    from mammo_core.store.card import read_card
+    from mammo_core.store.registry import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model, root=args.weights)
     card = read_card(model_dir)
@@ -435,7 +440,7 @@ def _predict_ray(args: argparse.Namespace, paths: list) -> int:
 def _save_overlay(pred, outdir: Path) -> None:
     from PIL import Image
 
-    from .explain import overlay
+    from mammo_core.inference.explain import overlay
 
     target = outdir / (Path(pred.name).stem + "_gradcam.png")
     Image.fromarray(overlay(pred.image.pixels, pred.heatmap_on_original())).save(target)
@@ -461,10 +466,10 @@ STRATEGY_HELP = ("tf.distribute (image-trained architectures): none (default); a
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import GROUP_BY, PROTOCOLS
-    from .distribute import STRATEGIES
-    from .model import ARCHITECTURES
-    from .preprocessing import PREPROCESSING_ID, PREPROCESSINGS
+    from mammo_core.data.splits import GROUP_BY, PROTOCOLS
+    from mammo_core.io.preprocessing import PREPROCESSING_ID, PREPROCESSINGS
+    from mammo_core.models.architectures import ARCHITECTURES
+    from mammo_core.training.distribute import STRATEGIES
 
     parser = argparse.ArgumentParser(prog="python -m mammo_core",
                                      description="Mammogram benign/malignant CNN: train, evaluate, predict. A research tool, not a diagnostic device.")
@@ -566,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
-    from .pacs.cli import add_pacs_parser
+    from mammo_core.pacs.cli import add_pacs_parser
 
     add_pacs_parser(sub)  # pacs {echo,score,listen}: the PACS round trip (mammo_core/pacs)
     return parser
@@ -587,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_OK
     except OSError as exc:  # disk full, read-only weights folder...: one line, not a traceback
-        from .registry import storage_error_message
+        from mammo_core.store.files import storage_error_message
 
         _err(storage_error_message(exc, "the output"))
         return EXIT_FAIL

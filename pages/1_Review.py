@@ -58,7 +58,7 @@ def score_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[str
 def _open_audit_log(url: str, default_path: str):
     """One log per configuration: MAMMO_AUDIT_URL (shared PostgreSQL or a SQLite file), else the embedded
     SQLite default. Both are cache keys, so a changed setting opens the new log."""
-    from mammo_core.audit import open_audit_log
+    from mammo_core.store.audit import open_audit_log
 
     return open_audit_log(url or None)
 
@@ -68,7 +68,7 @@ def _audit_log():
     when it cannot be opened."""
     import os
 
-    from mammo_core.audit import AUDIT_URL_ENV, default_audit_path
+    from mammo_core.store.audit import AUDIT_URL_ENV, default_audit_path
 
     try:
         log = _open_audit_log(os.environ.get(AUDIT_URL_ENV, "").strip(), str(default_audit_path()))
@@ -292,8 +292,8 @@ def main() -> None:
 def show_prediction(fname: str, pred, decision: str, threshold: float, alpha: float, floor: float) -> None:
     """Probability (with the ensemble members' range), decision, warnings, and three panels: the original
     with the breast outline, the model's own input, the Grad-CAM overlay on the original."""
-    from mammo_core.explain import overlay
-    from mammo_core.plots import fit_for_display, image_triplet_figure
+    from mammo_core.inference.explain import overlay
+    from appkit.plots import fit_for_display, image_triplet_figure
 
     st.subheader(shared.plain(fname))
     for warning in pred.warnings:

@@ -12,17 +12,18 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from mammo_core import evaluate, plots
-from mammo_core.calibration import brier
+from mammo_core.evaluation import metrics as evaluate
+from appkit import plots
 from mammo_core.config import CLASS_NAMES, REPO_ROOT, data_dir
-from mammo_core.registry import HISTORY_FILE
+from mammo_core.evaluation.calibration import brier
+from mammo_core.store.registry import HISTORY_FILE
 
 from appkit import cards, shared
 
 shared.setup("Metrics")
 
 GRID_SIZE = 12
-UNCALIBRATED = "probability_uncalibrated"  # column kept by mammo_core.calibration beside the calibrated one
+UNCALIBRATED = "probability_uncalibrated"  # column kept by mammo_core.evaluation.calibration beside the calibrated one
 
 
 def table1(m: dict[str, Any]) -> pd.DataFrame:
@@ -112,8 +113,8 @@ def resolve_dataset(card: dict[str, Any], table: pd.DataFrame) -> Path | None:
 @st.cache_data(show_spinner=False, max_entries=64)
 def _thumbnail(path: str) -> np.ndarray | None:
     from mammo_core.errors import ImageReadError
-    from mammo_core.imaging import load_image
-    from mammo_core.plots import fit_for_display
+    from mammo_core.io.images import load_image
+    from appkit.plots import fit_for_display
 
     try:
         return fit_for_display(load_image(path).pixels, 224)

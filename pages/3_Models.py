@@ -13,8 +13,9 @@ import pandas as pd
 import streamlit as st
 
 from appkit import cards, shared
-from mammo_core import registry
 from mammo_core.errors import ModelDirError
+from mammo_core.store import registry
+from mammo_core.store.files import storage_error_message
 
 user = shared.setup("Models")
 
@@ -46,7 +47,7 @@ def delete(name: str) -> None:
         st.session_state[DELETE_MESSAGE] = ("error", str(exc))
         return
     except OSError as exc:
-        st.session_state[DELETE_MESSAGE] = ("error", registry.storage_error_message(exc, "the deletion"))
+        st.session_state[DELETE_MESSAGE] = ("error", storage_error_message(exc, "the deletion"))
         return
     if st.session_state.get(shared.MODEL_KEY) == name:
         st.session_state.pop(shared.MODEL_KEY, None)

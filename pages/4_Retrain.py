@@ -2,7 +2,7 @@
 the phase for the cross-validated ensemble, which has no per-epoch progress), cancel it within seconds,
 and make the new model the app's default (with the Models page's confirmation when it is worse). The
 form defaults to the recommended honest recipe and remembers the last run's settings. Runs survive a
-page reload (see mammo_core.jobs). Training data comes only from the configured roots
+page reload (see mammo_core.store.jobs). Training data comes only from the configured roots
 (MAMMO_DATA_ROOTS); every user-supplied string is shown as plain text."""
 
 from __future__ import annotations
@@ -14,15 +14,18 @@ import re
 import pandas as pd
 import streamlit as st
 
-from mammo_core import jobs, plots, registry
+from mammo_core.store import jobs
+from appkit import plots
 from mammo_core.config import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_SEED, data_dir
-from mammo_core.data import GROUP_BY, PROTOCOLS
+from mammo_core.data.splits import GROUP_BY, PROTOCOLS
 from mammo_core.errors import MammoError
-from mammo_core.fast_training import PRECISIONS
-from mammo_core.model import ARCHITECTURES
-from mammo_core.train import training_in_progress
+from mammo_core.models.architectures import ARCHITECTURES
+from mammo_core.models.fast_training import PRECISIONS
+from mammo_core.store.run_safety import training_in_progress
 
 from appkit import cards, shared
+from mammo_core.store.card import read_card
+from mammo_core.store.files import storage_error_message
 
 shared.setup("Retrain", admin_only=True)
 
@@ -68,7 +71,7 @@ def remembered_defaults() -> None:
 
 
 def start_form() -> None:
-    from mammo_core.train import TrainConfig
+    from mammo_core.training.train import TrainConfig
 
     st.session_state.setdefault("retrain_name", f"model-{dt.datetime.now():%Y%m%d-%H%M}")
     remembered_defaults()
@@ -117,7 +120,7 @@ def start_form() -> None:
     try:
         run = jobs.start_training(config, shared.weights_root())
     except OSError as exc:  # disk full, read-only weights folder
-        st.error(f"Training not started: {shared.plain(registry.storage_error_message(exc, 'the run'))}")
+        st.error(f"Training not started: {shared.plain(storage_error_message(exc, 'the run'))}")
         return
     except (MammoError, ValueError, FileExistsError) as exc:
         st.error(f"Training not started: {shared.plain(exc)}")
@@ -218,7 +221,7 @@ def show_finished(run: jobs.Run) -> None:
     root = shared.weights_root()
     name = run.progress.get("model", run.model)
     try:
-        card = registry.read_card(root / name)
+        card = read_card(root / name)
     except MammoError as exc:
         st.error(f"The run finished but its model cannot be read: {shared.plain(exc)}")
         return

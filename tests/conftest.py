@@ -28,8 +28,8 @@ def tiny_dataset(tmp_path_factory) -> Path:
 def tiny_weights(tmp_path_factory, tiny_dataset) -> Path:
     """A weights folder holding two tiny trained models: "tiny-grouped" (grouped split, active) and
     "tiny-paper" (paper split). Treat as read-only; use `tiny_weights_copy` to change it."""
-    from mammo_core.registry import set_active_model
-    from mammo_core.train import TrainConfig, train
+    from mammo_core.store.registry import set_active_model
+    from mammo_core.training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("tiny-weights") / "weights"
     quiet = lambda message: None  # noqa: E731

@@ -75,7 +75,7 @@ def make_dataset(root: Path, *, sources_per_class: int = 4, copies: int = 3, spl
 
 
 def minimal_card(**fields) -> dict:
-    """A model card with every field the schema requires (`mammo_core.card`), overridden by `fields`."""
+    """A model card with every field the schema requires (`mammo_core.store.card`), overridden by `fields`."""
     card = {"name": "m", "created": "2026-01-01T00:00:00+00:00", "architecture": "paper-cnn", "model_sha256": "",
             "input_pipeline": "resize", "threshold": 0.5, "class_names": ["benign", "malignant"],
             "input_shape": [224, 224, 1], "dataset": {}, "split": {"protocol": "grouped"}, "training": {},

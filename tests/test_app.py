@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from mammo_core import jobs, registry
 from mammo_core.config import REPO_ROOT
+from mammo_core.store import jobs, registry
+from mammo_core.store.card import read_card, write_card
 
 APP = str(REPO_ROOT / "app.py")
 TIMEOUT = 90  # the first Review run imports TensorFlow and loads the model; the machine may be busy
@@ -81,7 +82,7 @@ def test_home_shows_intended_use_and_model_in_use(app_env, tiny_weights):
 
 
 def test_review_scores_uploads_and_threshold_does_not_rescore(app_env, tiny_weights, sample_png, monkeypatch):
-    from mammo_core.predict import Predictor
+    from mammo_core.inference.predict import Predictor
 
     app_env(tiny_weights)
     calls = []
@@ -121,7 +122,7 @@ def test_review_scores_uploads_and_threshold_does_not_rescore(app_env, tiny_weig
     assert metric(at, "Decision at threshold 1.00") == "benign"
     assert calls == [2], "moving the threshold or the opacity re-ran the model"
 
-    from mammo_core.audit import AuditLog, default_audit_path
+    from mammo_core.store.audit import AuditLog, default_audit_path
 
     rows = AuditLog(default_audit_path()).recent()
     # One row per scored image and model, at the threshold it was first shown with; views at other thresholds are not scores.
@@ -227,7 +228,7 @@ def test_metrics_shows_card_extras_and_operating_points(app_env, tiny_weights_co
                                 "pooled": {"auc": 0.6, "auc_ci": [0.5, 0.7], "accuracy": 0.6, "accuracy_ci": [0.5, 0.7],
                                            "sensitivity": 0.5, "sensitivity_ci": [0.3, 0.7], "specificity": 0.7,
                                            "specificity_ci": [0.5, 0.9]}}
-    registry.write_card(card_path.parent, card)
+    write_card(card_path.parent, card)
     preds_path = card_path.parent / registry.PREDICTIONS_FILE
     preds = pd.read_csv(preds_path)
     preds["probability_uncalibrated"] = preds["probability"]
@@ -288,9 +289,9 @@ def test_unverified_model_is_not_offered_until_an_admin_confirms_it(app_env, tin
 
     root = app_env(tiny_weights_copy)
     shutil.copytree(root / "tiny-paper", root / "dropped")
-    card = registry.read_card(root / "dropped")
+    card = read_card(root / "dropped")
     card["name"], card["created"] = "dropped", "2999-01-01T00:00:00+00:00"
-    registry.write_card(root / "dropped", card)
+    write_card(root / "dropped", card)
     at = start()
     assert "dropped" not in at.sidebar.selectbox[0].options
     at.switch_page(PAGES["models"]).run()
@@ -345,7 +346,7 @@ def test_retrain_form_trains_in_background_and_make_active(app_env, tiny_weights
     at.run()
     no_exception(at)
     assert metric(at, "Test AUC")  # the new model's card and test metrics are shown
-    assert registry.read_card(root / "ui-model")["training"]["computation"]["precision"] == "float32"
+    assert read_card(root / "ui-model")["training"]["computation"]["precision"] == "float32"
     make_active = [b for b in at.button if b.label == "Make ui-model the active model"]
     assert make_active, [b.label for b in at.button]
     if make_active[0].disabled:  # its grouped-split AUC is below the active model's: confirm first
@@ -365,6 +366,7 @@ def test_retrain_form_trains_in_background_and_make_active(app_env, tiny_weights
 
 # --- both kinds of card, and the Models page --------------------------------------------------------------
 
+
 def _cv(auc: float, lo: float, hi: float, by: str = "source") -> dict:
     return {"protocol": f"5-fold CV grouped by {by}", "k": 5, "group_by": by,
             "folds": [{"fold": i, "auc": auc, "accuracy": 0.6, "n_images": 10, "n_groups": 2, "minutes": 1.0,
@@ -377,15 +379,15 @@ def add_model(root, name: str, *, like: str = "tiny-grouped", **card_fields) -> 
     import shutil
 
     shutil.copytree(root / like, root / name)
-    card = registry.read_card(root / name)
+    card = read_card(root / name)
     card.update(name=name, created=f"2030-01-0{len(list(root.iterdir())) % 9 + 1}T00:00:00+00:00", **card_fields)
-    registry.write_card(root / name, card)
+    write_card(root / name, card)
     registry.record_model(root, name, card["model_sha256"])
     return card
 
 
 def add_ensemble_like(root, name: str = "tiny-ensemble") -> dict:
-    """A model directory with the card of a cross-validated ensemble (`mammo_core.ensemble.train_ensemble_into`):
+    """A model directory with the card of a cross-validated ensemble (`mammo_core.training.ensemble.train_ensemble_into`):
     no single split, out-of-fold metrics and predictions (with a fold column), per-member temperatures, OOD."""
     preds = pd.read_csv(root / "tiny-grouped" / registry.PREDICTIONS_FILE)
     card = add_model(root, name, split={"protocol": "cross-validation", "group_by": "source", "seed": 0, "k": 5},
@@ -438,9 +440,9 @@ def test_every_page_handles_a_cross_validated_ensemble_card(app_env, tiny_weight
 def test_models_page_confirms_a_worse_or_leaky_model_and_deletes_only_user_models(app_env, tiny_weights_copy,
                                                                                 monkeypatch):
     root = app_env(tiny_weights_copy)
-    card = registry.read_card(root / "tiny-grouped")
+    card = read_card(root / "tiny-grouped")
     card["cross_validation"] = _cv(0.70, 0.6, 0.8)
-    registry.write_card(root / "tiny-grouped", card)  # the active model
+    write_card(root / "tiny-grouped", card)  # the active model
     add_model(root, "worse", cross_validation=_cv(0.55, 0.45, 0.65))
     add_model(root, "better", cross_validation=_cv(0.80, 0.7, 0.9))
     at = start("models")
@@ -504,17 +506,18 @@ def test_reader_sees_models_but_cannot_change_them(app_env, tiny_weights, monkey
     assert any("for administrators" in e.value for e in at.error) and not at.get("form")
 
 
-# --- figure builders used by the pages (mammo_core.plots) ---------------------------------------
+# --- figure builders used by the pages (appkit.plots) ---------------------------------------
+
 
 def test_reliability_table_and_brier_score():
-    from mammo_core import plots
+    from appkit import plots
 
     table = plots.reliability_table([0, 0, 1, 1], [0.05, 0.15, 0.85, 0.95], n_bins=10)
     assert table["count"].tolist() == [1, 1, 1, 1]
     assert table["fraction_malignant"].tolist() == [0.0, 0.0, 1.0, 1.0]
     assert table["mean_predicted"].tolist() == pytest.approx([0.05, 0.15, 0.85, 0.95])
     assert plots.reliability_table([1], [1.0])["bin"].tolist() == ["0.9-1.0"]  # p = 1 lands in the last bin
-    from mammo_core.calibration import brier
+    from mammo_core.evaluation.calibration import brier
 
     assert brier([0, 1], [0.0, 1.0]) == 0.0
     assert brier([0, 1], [0.5, 0.5]) == pytest.approx(0.25)
@@ -523,7 +526,7 @@ def test_reliability_table_and_brier_score():
 def test_fit_for_display_downscales_keeping_aspect_and_never_upscales():
     import numpy as np
 
-    from mammo_core import plots
+    from appkit import plots
 
     big = np.zeros((4000, 3000), dtype=np.uint8)
     small = plots.fit_for_display(big, 1000)
@@ -535,7 +538,7 @@ def test_fit_for_display_downscales_keeping_aspect_and_never_upscales():
 def test_image_pair_figure_links_zoom_of_both_views():
     import numpy as np
 
-    from mammo_core import plots
+    from appkit import plots
 
     gray = np.zeros((50, 40), dtype=np.uint8)
     rgb = np.zeros((50, 40, 3), dtype=np.uint8)
@@ -547,7 +550,7 @@ def test_image_pair_figure_links_zoom_of_both_views():
 
 def test_review_writes_to_the_log_that_mammo_audit_url_names(app_env, tiny_weights, tmp_path, monkeypatch, sample_png):
     """Review follows MAMMO_AUDIT_URL (here a SQLite URL; PostgreSQL goes through the same open_audit_log)."""
-    from mammo_core.audit import AuditLog
+    from mammo_core.store.audit import AuditLog
 
     app_env(tiny_weights)
     target = tmp_path / "shared" / "log.sqlite3"

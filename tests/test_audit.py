@@ -1,4 +1,4 @@
-"""Tests for mammo_core.audit: no rows lost under concurrent threads and processes, notes, CSV
+"""Tests for mammo_core.store.audit: no rows lost under concurrent threads and processes, notes, CSV
 export, validation, and the absence of patient-identifier columns."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mammo_core import config
-from mammo_core.audit import COLUMNS, AuditLog, default_audit_path, mask_file_name, sha256_hex
+from mammo_core.store.audit import COLUMNS, AuditLog, default_audit_path, mask_file_name, sha256_hex
 
 MODEL_SHA = sha256_hex(b"model weights")
 

@@ -1,4 +1,4 @@
-"""The audit log on a real PostgreSQL server (mammo_core.audit_pg), started here on a free loopback port.
+"""The audit log on a real PostgreSQL server (mammo_core.store.audit_pg), started here on a free loopback port.
 
 The server comes from Debian's postgresql package (scripts/install_cluster.sh): `initdb` into a
 temporary folder (as the postgres user when we are root: initdb refuses root), `postgres` on
@@ -22,7 +22,7 @@ import pytest
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg missing: pip install -r requirements-cluster.txt")
 
-from mammo_core.audit import COLUMNS, AUDIT_URL_ENV, AuditLog, open_audit_log, sha256_hex  # noqa: E402
+from mammo_core.store.audit import COLUMNS, AUDIT_URL_ENV, AuditLog, open_audit_log, sha256_hex  # noqa: E402
 
 MODEL_SHA = sha256_hex(b"model weights")
 PASSWORD = "s3cret-Pa55"

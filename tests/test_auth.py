@@ -12,8 +12,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from mammo_core import auth
-from mammo_core.audit import AuditLog, sha256_hex
 from mammo_core.config import REPO_ROOT
+from mammo_core.store.audit import AuditLog, sha256_hex
 
 APP = str(REPO_ROOT / "app.py")
 TIMEOUT = 90

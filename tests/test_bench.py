@@ -28,7 +28,7 @@ def test_flops_per_image_counts_multiply_adds_of_convolutions_and_dense():
 
 def test_efficientnet_lite0_flops_are_the_published_figure():
     """EfficientNet-Lite0 is about 0.4 G multiply-adds (0.8 GFLOP) at 224x224 with 3-channel input."""
-    from mammo_core.efficientnet_lite import build_efficientnet_lite0
+    from mammo_core.models.efficientnet_lite import build_efficientnet_lite0
 
     flops = scoring.flops_per_image(build_efficientnet_lite0(input_shape=(224, 224, 3), weights=None))["total"]
     assert 0.7e9 < flops < 0.85e9
@@ -39,8 +39,8 @@ def test_peak_gflops_is_positive():
 
 
 def test_single_member_scores_like_its_ensemble_member():
-    from mammo_core import finetune
-    from mammo_core.predict import Predictor
+    from mammo_core.inference.predict import Predictor
+    from mammo_core.training import finetune
 
     _, core = finetune.build_parts("block6a")
     members = [finetune.build_member(core, finetune.Recipe(), i) for i in range(2)]
@@ -90,8 +90,8 @@ def test_fraction_of_peak_uses_the_arithmetic_the_model_ran_in(precision, expect
 
 
 def test_profile_pieces_cover_the_scoring_call(tmp_path):
-    from mammo_core import finetune
-    from mammo_core.predict import Predictor
+    from mammo_core.inference.predict import Predictor
+    from mammo_core.training import finetune
     from tests.factories import png_bytes, synthetic_mammogram
 
     _, core = finetune.build_parts("block6a")

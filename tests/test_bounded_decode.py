@@ -1,4 +1,4 @@
-"""Bounded memory and honest truncation checks in mammo_core.imaging / mammo_core.dicom: large
+"""Bounded memory and honest truncation checks in mammo_core.imaging / mammo_core.io.dicom: large
 images are reduced during or straight after decoding to at most MAX_DECODE_SIDE, and PNG/TIFF files
 whose data does not cover the rows of their header are refused, whatever the zlib stream says."""
 
@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mammo_core.dicom import downsample
 from mammo_core.errors import ImageReadError
-from mammo_core.imaging import MAX_DECODE_SIDE, load_image, reduction_factor
+from mammo_core.io.dicom import downsample
+from mammo_core.io.images import load_image
+from mammo_core.io.pixels import MAX_DECODE_SIDE, reduction_factor
 
 from .test_dicom import make_dataset, write
 

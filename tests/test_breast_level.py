@@ -1,4 +1,4 @@
-"""Breast- and exam-level AUC from an out-of-fold table (`mammo_core.breast_level`, `breast-level` CLI)."""
+"""Breast- and exam-level AUC from an out-of-fold table (`mammo_core.evaluation.breast_level`, `breast-level` CLI)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mammo_core import breast_level
-from mammo_core.card import read_card
 from mammo_core.cli import main
+from mammo_core.evaluation import breast_level
 from mammo_core.pacs.scoring import combine
+from mammo_core.store.card import read_card
 
 from .test_app import app_env  # noqa: F401  (fixture)
 
@@ -148,15 +148,13 @@ def test_real_patient_map_gives_breasts_for_the_shipped_default():
 
 
 def test_metrics_page_shows_breast_and_exam_auc(app_env, tiny_weights_copy):
-    from mammo_core import registry
-
     from .test_app import start
 
     app_env(tiny_weights_copy)
     oof, patients = synthetic()
     block = breast_level.measure(oof, patients, n_boot=50)
     breast_level.store_in_card(tiny_weights_copy / "tiny-grouped", block)
-    assert "breast_level" in registry.read_card(tiny_weights_copy / "tiny-grouped")
+    assert "breast_level" in read_card(tiny_weights_copy / "tiny-grouped")
     at = start("metrics")
     assert any(s.value == "By breast and by exam" for s in at.subheader)
     table = next(t.value for t in at.table if "breast AUC [95 % CI] (36 breasts)" in t.value.columns)

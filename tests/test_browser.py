@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from mammo_core import registry
 from mammo_core.config import REPO_ROOT
+from mammo_core.store import registry
 
 CHROMIUM = os.environ.get("MAMMO_CHROMIUM", "/usr/bin/chromium")
 WIDTHS = (1280, 800)

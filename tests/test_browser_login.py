@@ -12,7 +12,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from mammo_core.audit import AuditLog
+from mammo_core.store.audit import AuditLog
 
 from .test_browser import CHROMIUM, streamlit_app
 

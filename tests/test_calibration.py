@@ -1,4 +1,4 @@
-"""Temperature scaling, Brier score and operating points (mammo_core.calibration), and `calibrate` on a model directory."""
+"""Temperature scaling, Brier score and operating points (mammo_core.evaluation.calibration), and `calibrate` on a model directory."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import pandas as pd
 import pytest
 
 from tests.factories import minimal_card
-from mammo_core import calibration as cal
-from mammo_core import registry
+from mammo_core.evaluation import calibration as cal
+from mammo_core.store import registry
+from mammo_core.store.card import write_card
+from mammo_core.store.files import sha256_file
+from mammo_core.training.calibrate import calibrate_model_dir
 
 
 def synthetic(temperature: float, n: int = 20000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +86,7 @@ def _model_dir(tmp_path, rng):
         pd.DataFrame({"path": [f"x{i}.png" for i in range(n)], "group": "g", "patient": "p", "label": y,
                       "probability": p.astype(np.float32)}).to_csv(d / name, index=False)
     (d / "model.keras").write_bytes(b"not really a model")
-    registry.write_card(d, minimal_card(model_sha256=registry.sha256_file(d / "model.keras"),
+    write_card(d, minimal_card(model_sha256=sha256_file(d / "model.keras"),
                                         metrics={"test": {"auc": 0.0}}))
     return d
 
@@ -91,7 +94,7 @@ def _model_dir(tmp_path, rng):
 def test_calibrate_model_dir_is_idempotent_and_consistent(tmp_path):
     d = _model_dir(tmp_path, np.random.default_rng(2))
     before = pd.read_csv(d / "test_predictions.csv")
-    card = cal.calibrate_model_dir(d)
+    card = calibrate_model_dir(d)
     c = card["calibration"]
     assert c["method"] == "temperature" and c["computed_on"] == "validation split"
     assert 2.0 < c["temperature"] < 4.5
@@ -105,7 +108,7 @@ def test_calibrate_model_dir_is_idempotent_and_consistent(tmp_path):
     assert [op["name"] for op in card["operating_points"]] == ["Youden's J", "Sensitivity ≥ 0.95", "Specificity ≥ 0.90"]
     assert cal.card_temperature(card) == c["temperature"]
     # a second run starts again from the uncalibrated column: same temperature, same files
-    again = cal.calibrate_model_dir(d)
+    again = calibrate_model_dir(d)
     assert again["calibration"]["temperature"] == pytest.approx(c["temperature"], rel=1e-6)
     assert pd.read_csv(d / "test_predictions.csv")["probability"].tolist() == pytest.approx(after["probability"].tolist())
     assert json.loads((d / "card.json").read_text())["metrics_uncalibrated"] == {"test": {"auc": 0.0}}
@@ -118,7 +121,7 @@ def test_calibrate_needs_validation_predictions(tmp_path):
     d = _model_dir(tmp_path, np.random.default_rng(3))
     (d / "val_predictions.csv").unlink()
     with pytest.raises(ModelDirError, match="val_predictions.csv"):
-        cal.calibrate_model_dir(d)
+        calibrate_model_dir(d)
 
 
 def test_card_temperature_defaults_to_one():

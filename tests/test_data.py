@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mammo_core import data
+from mammo_core.data import datasets
+from mammo_core.data.pipeline import load_images, make_tf_dataset
+from mammo_core.data.splits import assign_split, group_folds
 from mammo_core.errors import DatasetError
 
 from .factories import make_dataset, synthetic_mammogram, write_png
@@ -18,12 +20,12 @@ from .factories import make_dataset, synthetic_mammogram, write_png
      ("abc_def (2).jpg", "abc_def"), ("22580341 (100).png", "22580341")],
 )
 def test_group_key_strips_copy_suffix(name, key):
-    assert data.group_key(name) == key
+    assert datasets.group_key(name) == key
 
 
 def test_scan_split_layout(tmp_path):
     root = make_dataset(tmp_path / "ds", sources_per_class=4, copies=6)
-    frame = data.scan_dataset(root)
+    frame = datasets.scan_dataset(root)
     assert len(frame) == 2 * 4 * 6
     assert set(frame["given_split"]) == {"train", "val", "test"}
     assert frame["group"].nunique() == 8
@@ -33,7 +35,7 @@ def test_scan_split_layout(tmp_path):
 
 def test_scan_flat_layout_any_case(tmp_path):
     root = make_dataset(tmp_path / "ds", splits=False, class_dirs=("Benign", "MALIGNANT"))
-    frame = data.scan_dataset(root)
+    frame = datasets.scan_dataset(root)
     assert set(frame["given_split"]) == {""}
     assert sorted(frame["label"].unique()) == [0, 1]
 
@@ -43,7 +45,7 @@ def test_missing_class_folder_names_path(tmp_path):
     write_png(root / "benign" / "1.png", synthetic_mammogram(1, malignant=False))
     (root / "cats").mkdir()
     with pytest.raises(DatasetError, match="missing class folder.*malignant"):
-        data.scan_dataset(root)
+        datasets.scan_dataset(root)
 
 
 def test_empty_class_folder_names_path(tmp_path):
@@ -51,32 +53,32 @@ def test_empty_class_folder_names_path(tmp_path):
     write_png(root / "benign" / "1.png", synthetic_mammogram(1, malignant=False))
     (root / "malignant").mkdir()
     with pytest.raises(DatasetError, match=r"malignant: folder holds no image files"):
-        data.scan_dataset(root)
+        datasets.scan_dataset(root)
 
 
 def test_not_a_dataset(tmp_path):
     with pytest.raises(DatasetError, match="not found"):
-        data.scan_dataset(tmp_path / "nope")
+        datasets.scan_dataset(tmp_path / "nope")
     (tmp_path / "other").mkdir()
     with pytest.raises(DatasetError, match="expected class folders"):
-        data.scan_dataset(tmp_path)
+        datasets.scan_dataset(tmp_path)
 
 
 def test_unreadable_file_is_named(tmp_path):
     root = make_dataset(tmp_path / "ds", splits=False)
     bad = root / "benign" / "9999 (1).png"
     bad.write_bytes(b"not a png")
-    frame = data.scan_dataset(root)
+    frame = datasets.scan_dataset(root)
     with pytest.raises(DatasetError, match="9999 \\(1\\).png"):
-        data.load_images(frame["path"].tolist())
+        load_images(frame["path"].tolist())
 
 
 def test_grouped_split_has_no_shared_groups_and_is_seeded(tmp_path):
     root = make_dataset(tmp_path / "ds", sources_per_class=8, copies=4)
-    frame = data.scan_dataset(root)
-    a = data.assign_split(frame, protocol="grouped", seed=3)
-    b = data.assign_split(frame, protocol="grouped", seed=3)
-    c = data.assign_split(frame, protocol="grouped", seed=4)
+    frame = datasets.scan_dataset(root)
+    a = assign_split(frame, protocol="grouped", seed=3)
+    b = assign_split(frame, protocol="grouped", seed=3)
+    c = assign_split(frame, protocol="grouped", seed=4)
     assert (a["split"] == b["split"]).all()
     assert not (a["split"] == c["split"]).all()
     sides = a.groupby("group")["split"].nunique()
@@ -89,13 +91,13 @@ def test_grouped_split_has_no_shared_groups_and_is_seeded(tmp_path):
 
 def test_patient_grouping(tmp_path):
     root = make_dataset(tmp_path / "ds", sources_per_class=8, copies=2)
-    frame = data.scan_dataset(root)
+    frame = datasets.scan_dataset(root)
     groups = sorted(frame["group"].unique())
     # two source images per patient
     mapping = pd.DataFrame({"image_id": groups, "patient_id": [f"p{i // 2}" for i in range(len(groups))]})
     mapping.to_csv(tmp_path / "patients.csv", index=False)
-    frame = data.scan_dataset(root, patient_map=tmp_path / "patients.csv")
-    split = data.assign_split(frame, protocol="grouped", seed=0, group_by="patient")
+    frame = datasets.scan_dataset(root, patient_map=tmp_path / "patients.csv")
+    split = assign_split(frame, protocol="grouped", seed=0, group_by="patient")
     assert split.groupby("patient")["split"].nunique().max() == 1
 
 
@@ -103,25 +105,25 @@ def test_patient_map_must_cover_all_images(tmp_path):
     root = make_dataset(tmp_path / "ds")
     (tmp_path / "p.csv").write_text("image_id,patient_id\n1000,a\n")
     with pytest.raises(DatasetError, match="no patient for"):
-        data.scan_dataset(root, patient_map=tmp_path / "p.csv")
+        datasets.scan_dataset(root, patient_map=tmp_path / "p.csv")
 
 
 def test_paper_protocol_needs_split_folders(tmp_path):
-    frame = data.scan_dataset(make_dataset(tmp_path / "ds", splits=False))
+    frame = datasets.scan_dataset(make_dataset(tmp_path / "ds", splits=False))
     with pytest.raises(DatasetError, match="train/val/test"):
-        data.assign_split(frame, protocol="paper")
+        assign_split(frame, protocol="paper")
 
 
 def test_group_folds_balanced(tmp_path):
-    frame = data.scan_dataset(make_dataset(tmp_path / "ds", sources_per_class=10, copies=2))
-    folds = data.group_folds(frame, n_folds=5, seed=0)
+    frame = datasets.scan_dataset(make_dataset(tmp_path / "ds", sources_per_class=10, copies=2))
+    folds = group_folds(frame, n_folds=5, seed=0)
     per_fold = frame.assign(fold=folds).groupby("fold")["group"].nunique()
     assert per_fold.tolist() == [4, 4, 4, 4, 4]
 
 
 def test_tf_dataset_scales_and_batches():
     images = np.stack([np.full((224, 224), v, np.uint8) for v in (0, 255, 51)])
-    ds = data.make_tf_dataset(images, [0, 1, 0], batch_size=2, channels=3)
+    ds = make_tf_dataset(images, [0, 1, 0], batch_size=2, channels=3)
     batches = list(ds.as_numpy_iterator())
     x, y = batches[0]
     assert x.shape == (2, 224, 224, 3) and x.dtype == np.float32
@@ -132,14 +134,14 @@ def test_tf_dataset_scales_and_batches():
 
 def test_fingerprint_changes_with_files(tmp_path):
     root = make_dataset(tmp_path / "ds")
-    a = data.fingerprint(data.scan_dataset(root), root)
+    a = datasets.fingerprint(datasets.scan_dataset(root), root)
     write_png(root / "train" / "benign" / "5555.png", synthetic_mammogram(5, malignant=False))
-    b = data.fingerprint(data.scan_dataset(root), root)
+    b = datasets.fingerprint(datasets.scan_dataset(root), root)
     assert a["n_files"] + 1 == b["n_files"] and a["sha256"] != b["sha256"]
 
 
 def test_portable_paths_replace_the_data_dir(tmp_path, monkeypatch):
-    from mammo_core.data import DATA_DIR_TOKEN, portable_paths
+    from mammo_core.data.datasets import DATA_DIR_TOKEN, portable_paths
 
     root = tmp_path / "ds"
     root.mkdir()

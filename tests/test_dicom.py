@@ -1,4 +1,4 @@
-"""Tests for mammo_core.dicom through imaging.load_image: the display pipeline (modality LUT, VOI,
+"""Tests for mammo_core.io.dicom through imaging.load_image: the display pipeline (modality LUT, VOI,
 MONOCHROME1) pinned by pixel values, compressed transfer syntaxes, refused files and the privacy of
 the metadata. Every DICOM file is built in tmp_path."""
 
@@ -29,7 +29,8 @@ from pydicom.uid import (  # noqa: E402
 )
 
 from mammo_core.errors import ImageReadError  # noqa: E402
-from mammo_core.imaging import MAX_PIXELS, load_image  # noqa: E402
+from mammo_core.io.images import load_image  # noqa: E402
+from mammo_core.io.pixels import MAX_PIXELS
 
 DIGITAL_MG = "1.2.840.10008.5.1.4.1.1.1.2"  # Digital Mammography X-Ray Image Storage - For Presentation
 
@@ -398,7 +399,7 @@ def test_pydicom_still_needs_our_voi_lut_workaround():
     from pydicom.pixels import apply_voi
     from pydicom.sequence import Sequence
 
-    from mammo_core.dicom import _apply_voi_lut_sequence
+    from mammo_core.io.dicom import _apply_voi_lut_sequence
 
     ds = Dataset()
     ds.PhotometricInterpretation, ds.BitsStored, ds.BitsAllocated, ds.PixelRepresentation = "MONOCHROME2", 12, 16, 0

@@ -1,4 +1,4 @@
-"""Training under tf.distribute (mammo_core.distribute): mirrored over 2 logical CPUs, multi-worker with
+"""Training under tf.distribute (mammo_core.training.distribute): mirrored over 2 logical CPUs, multi-worker with
 2 real worker processes on free 127.0.0.1 ports, and resuming from a checkpoint.
 
 Strategies must exist before any other TensorFlow operation, so the mirrored and multi-worker runs
@@ -103,7 +103,7 @@ def test_custom_loop_resumes_from_its_checkpoint(tmp_path):
     import keras
     import tensorflow as tf
 
-    from mammo_core.distribute import fit_custom, weights_digest
+    from mammo_core.training.distribute import fit_custom, weights_digest
 
     def build():
         keras.utils.set_random_seed(0)

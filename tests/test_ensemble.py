@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from mammo_core import finetune
-from mammo_core.predict import OOD_WARNING, Predictor
-from mammo_core.registry import read_card, verify_model_dir
-from mammo_core.train import TrainConfig, train
+from mammo_core.inference.predict import OOD_WARNING, Predictor
+from mammo_core.store.card import read_card
+from mammo_core.store.registry import verify_model_dir
+from mammo_core.training import finetune
+from mammo_core.training.train import TrainConfig, train
 
 TINY_RECIPE = {"max_epochs": 2, "copies_per_source": 2, "val_copies_per_source": 2, "batch_size": 8}
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mammo_core.evaluate import compute_metrics, confusion, log_loss, roc_points
+from mammo_core.evaluation.metrics import compute_metrics, confusion, log_loss, roc_points
 
 LABELS = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
 PROBS = [0.1, 0.2, 0.6, 0.4, 0.9, 0.8, 0.3, 0.7, 0.55, 0.95]

@@ -8,8 +8,8 @@ import pytest
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-from mammo_core.explain import GradCAM, find_last_conv_layer, overlay  # noqa: E402
-from mammo_core.model import build_model  # noqa: E402
+from mammo_core.inference.explain import GradCAM, find_last_conv_layer, overlay  # noqa: E402
+from mammo_core.models.architectures import build_model  # noqa: E402
 
 
 def small_functional(sigmoid_as_layer: bool):

@@ -8,11 +8,10 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from mammo_core import fast_training  # noqa: E402
-from mammo_core.fast_training import (  # noqa: E402
-    cpu_has_native_bfloat16, fast_trainer, is_paper_cnn, resolve_precision, training_model,
-)
-from mammo_core.model import build_model, get_architecture  # noqa: E402
+from mammo_core.models import fast_training  # noqa: E402
+from mammo_core.models.fast_training import (cpu_has_native_bfloat16, fast_trainer, is_paper_cnn, resolve_precision,
+                                             training_model)
+from mammo_core.models.architectures import build_model, get_architecture  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +146,7 @@ def test_precision_choice(tmp_path, monkeypatch):
 
 
 def test_train_config_rejects_an_unknown_precision(tmp_path):
-    from mammo_core.train import TrainConfig
+    from mammo_core.training.train import TrainConfig
 
     with pytest.raises(ValueError, match="precision must be one of"):
         TrainConfig(data_dir=str(tmp_path), name="x", precision="fp8").validate()

@@ -14,14 +14,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from mammo_core.errors import ImageReadError
-from mammo_core.imaging import (
-    MAX_PIXELS,
-    MIN_SIDE,
-    load_image,
-    resize_for_model,
-    scale_to_uint8,
-    to_uint8,
-)
+from mammo_core.io.images import load_image, resize_for_model
+from mammo_core.io.pixels import MAX_PIXELS, MIN_SIDE, scale_to_uint8, to_uint8
 
 H, W = 40, 56  # non-square, so a transposed result would fail the shape check
 
@@ -341,6 +335,4 @@ def test_resize_stretches_to_square_without_padding():
     tall = np.full((448, 100), 200, dtype=np.uint8)
     out = resize_for_model(tall)
     assert out.shape == (224, 224) and np.all(out == 200)  # a pad would show as 0 somewhere
-
-
 

@@ -1,4 +1,4 @@
-"""Background training runs (mammo_core.jobs): start, find again from disk, one at a time, cancel."""
+"""Background training runs (mammo_core.store.jobs): start, find again from disk, one at a time, cancel."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from mammo_core import jobs, registry
 from mammo_core.errors import DatasetError, TrainingBusyError
-from mammo_core.train import TrainConfig
+from mammo_core.store import jobs, registry
+from mammo_core.training.train import TrainConfig
 
 
 def _forget_children() -> None:
@@ -63,7 +63,7 @@ def test_cancel_stops_the_run_and_writes_no_model(tiny_dataset, tmp_path):
     assert not (root / "to-cancel").exists()
     assert not list(root.glob(".tmp-*")), "the temporary model folder was not cleaned up"
     # The lock is free again: a new start is accepted up to the dataset check.
-    from mammo_core.train import training_in_progress
+    from mammo_core.store.run_safety import training_in_progress
 
     assert not training_in_progress(root)
 

@@ -11,9 +11,10 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from mammo_core import registry  # noqa: E402
-from mammo_core.calibration import apply_temperature, calibrate_model_dir  # noqa: E402
-from mammo_core.train import TrainConfig, train  # noqa: E402
+from mammo_core.evaluation.calibration import apply_temperature
+from mammo_core.store.card import read_card
+from mammo_core.training.calibrate import calibrate_model_dir  # noqa: E402
+from mammo_core.training.train import TrainConfig, train  # noqa: E402
 
 from .factories import make_dataset  # noqa: E402
 
@@ -43,7 +44,7 @@ def effnet_dir(flat_dataset, tmp_path_factory):
 def test_efficientnet_model_directory(effnet_dir):
     names = {p.name for p in effnet_dir.iterdir()}
     assert {"model.keras", "card.json", "history.csv", "test_predictions.csv", "val_predictions.csv"} <= names
-    card = registry.read_card(effnet_dir)
+    card = read_card(effnet_dir)
     assert card["architecture"] == "efficientnet-lite0" and card["cam_layer"] == "top_activation"
     assert card["training"]["head"]["l2"] in [c["l2"] for c in card["training"]["head"]["candidates"]]
     assert (effnet_dir / "model.keras").stat().st_size < 30e6
@@ -52,7 +53,7 @@ def test_efficientnet_model_directory(effnet_dir):
 
 
 def test_efficientnet_reloads_with_predictor_gradcam_and_calibration(effnet_dir, flat_dataset):
-    from mammo_core.predict import Predictor
+    from mammo_core.inference.predict import Predictor
 
     preds = pd.read_csv(effnet_dir / "test_predictions.csv")
     predictor = Predictor.load(effnet_dir)  # registry.load_model: safe_mode=True
@@ -75,12 +76,12 @@ def test_efficientnet_reloads_with_predictor_gradcam_and_calibration(effnet_dir,
 
 
 def test_bn_gap_cnn_trains_and_explains(flat_dataset, tmp_path):
-    from mammo_core.predict import Predictor
+    from mammo_core.inference.predict import Predictor
 
     cfg = TrainConfig(data_dir=str(flat_dataset), name="bn", architecture="bn-gap-cnn", protocol="grouped",
                       epochs=1, batch_size=8)
     model_dir = train(cfg, root=tmp_path, log=lambda m: None)
-    card = registry.read_card(model_dir)
+    card = read_card(model_dir)
     assert card["training"]["class_weighted"] and card["training"]["augment_flips"]
     assert card["parameters"] < 300_000  # paper-cnn: 2.8 M
     preds = pd.read_csv(model_dir / "test_predictions.csv")
@@ -98,8 +99,8 @@ def test_efficientnet_refuses_three_channels(flat_dataset, tmp_path):
 
 @pytest.mark.skipif(not HAS_WEIGHTS, reason="ImageNet weights package not installed")
 def test_efficientnet_mid_is_a_flat_chain_for_gradcam():
-    from mammo_core.explain import GradCAM
-    from mammo_core.model import MID_CUT_LAYER, build_model, get_architecture
+    from mammo_core.inference.explain import GradCAM
+    from mammo_core.models.architectures import MID_CUT_LAYER, build_model, get_architecture
 
     model = build_model("efficientnet-lite0-mid", compile=False)
     assert get_architecture("efficientnet-lite0-mid").cam_layer == MID_CUT_LAYER

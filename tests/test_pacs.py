@@ -265,7 +265,7 @@ def test_no_patient_identifier_or_password_in_output(round_trip, orthanc):
 
 def test_sr_holds_the_json_scores_model_and_disclaimer(round_trip, tiny_weights):
     from mammo_core.pacs.sr import read_report
-    from mammo_core.registry import read_card
+    from mammo_core.store.card import read_card
 
     assert round_trip.sr is not None, "no SR came back into the study"
     assert round_trip.sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
@@ -493,8 +493,8 @@ def test_sr_carries_interval_distribution_flag_warnings_and_peak_region():
     """The fields an ensemble's Prediction adds reach the SR; the region sits on the Grad-CAM peak."""
     from types import SimpleNamespace
 
-    from mammo_core.pacs.scoring import BreastScore, ImageScore, StudyScore
     from mammo_core.pacs.sc import build_capture
+    from mammo_core.pacs.scoring import BreastScore, ImageScore, StudyScore
     from mammo_core.pacs.sr import build_report, read_report
     from mammo_core.pacs.study import image_from_dataset
 

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from mammo_core.predict import Predictor  # noqa: E402
+from mammo_core.inference.predict import Predictor  # noqa: E402
 
 from .factories import png_bytes, synthetic_mammogram  # noqa: E402
 

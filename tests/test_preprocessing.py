@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from mammo_core.preprocessing import (CEILING, FLOOR, LEGACY, PREPROCESSING_ID, card_preprocessing, model_input,
-                                      prepare, to_original)
+from mammo_core.io.preprocessing import (CEILING, FLOOR, LEGACY, PREPROCESSING_ID, card_preprocessing, model_input,
+                                         prepare, to_original)
 
 DATA = os.environ.get("MAMMO_DATA_DIR")
 
@@ -114,7 +114,7 @@ def test_idempotent_on_dataset_cutouts():
 def test_full_field_dicom_without_tags_goes_through_the_same_path(tmp_path, tiny_weights, drop):
     """A 12-bit full-field DICOM (breast against the right edge, a burned-in label) with a tag missing is
     scored with the breast crop, its Grad-CAM drawn back onto the original frame."""
-    from mammo_core.predict import Predictor
+    from mammo_core.inference.predict import Predictor
 
     from .test_dicom import make_dataset, write
 

@@ -1,4 +1,4 @@
-"""predict --engine ray (mammo_core.ray_engine) against the local engine, on a real local Ray.
+"""predict --engine ray (mammo_core.inference.ray_engine) against the local engine, on a real local Ray.
 
 One local Ray (2 actors) is started per test and shut down at its end; each costs about 10-30 s on
 a busy 2-core machine (Ray start-up, then TensorFlow and the model in every actor).
@@ -34,14 +34,14 @@ def archive(tmp_path) -> list[str]:
 
 
 def _local_rows(model_dir: Path, paths: list[str]) -> list[dict]:
-    from mammo_core.predict import Predictor, score_paths
+    from mammo_core.inference.predict import Predictor, score_paths
 
     predictor = Predictor.load(model_dir)
     return [p.to_json(predictor.name) for p in score_paths(predictor, paths, with_cam=False, batch_size=4)]
 
 
 def test_ray_scores_equal_local_scores_and_errors_are_the_same_rows(tiny_weights, archive):
-    from mammo_core.ray_engine import score_paths_ray
+    from mammo_core.inference.ray_engine import score_paths_ray
 
     model_dir = tiny_weights / "tiny-grouped"
     local = _local_rows(model_dir, archive)
@@ -83,7 +83,7 @@ def test_local_engine_writes_the_same_csv_columns(tiny_weights, archive, tmp_pat
     import pandas as pd
 
     from mammo_core import cli
-    from mammo_core.results_out import COLUMNS
+    from mammo_core.inference.results_out import COLUMNS
 
     out_file = tmp_path / "scores.csv"
     code = cli.main(["--weights", str(tiny_weights), "predict", *archive, "--out", str(out_file), "--no-progress"])

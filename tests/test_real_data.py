@@ -9,8 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mammo_core import data, registry
 from mammo_core.config import REPO_ROOT
+from mammo_core.data import datasets
+from mammo_core.data.pipeline import load_images
+from mammo_core.data.splits import SPLITS, assign_split
+from mammo_core.store import registry
 
 DATA = os.environ.get("MAMMO_DATA_DIR")
 pytestmark = pytest.mark.skipif(not DATA, reason="MAMMO_DATA_DIR is not set; real-dataset tests need the Augmented INbreast folder")
@@ -19,7 +22,7 @@ pytestmark = pytest.mark.skipif(not DATA, reason="MAMMO_DATA_DIR is not set; rea
 @pytest.fixture(scope="module")
 def frame() -> pd.DataFrame:
     root = Path(DATA)
-    return data.scan_dataset(root, patient_map=data.default_patient_map(root))
+    return datasets.scan_dataset(root, patient_map=datasets.default_patient_map(root))
 
 
 def test_dataset_shape(frame):
@@ -33,7 +36,7 @@ def test_dataset_shape(frame):
 
 
 def test_paper_split_shares_every_source_image(frame):
-    split = data.assign_split(frame, protocol="paper")
+    split = assign_split(frame, protocol="paper")
     sides = split.groupby("group")["split"].nunique()
     assert (sides == 3).all()  # the leak this project exists to expose
 
@@ -41,8 +44,8 @@ def test_paper_split_shares_every_source_image(frame):
 @pytest.mark.parametrize("group_by, column", [("source", "group"), ("patient", "patient")])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_grouped_split_leaks_nothing(frame, group_by, column, seed):
-    split = data.assign_split(frame, protocol="grouped", seed=seed, group_by=group_by)
-    sets = {s: set(split.loc[split["split"] == s, column]) for s in data.SPLITS}
+    split = assign_split(frame, protocol="grouped", seed=seed, group_by=group_by)
+    sets = {s: set(split.loc[split["split"] == s, column]) for s in SPLITS}
     assert not sets["train"] & sets["val"] and not sets["train"] & sets["test"] and not sets["val"] & sets["test"]
     # grouping by patient also keeps every source image on one side
     assert split.groupby("group")["split"].nunique().max() == 1
@@ -52,7 +55,7 @@ def test_grouped_split_leaks_nothing(frame, group_by, column, seed):
 
 
 def test_tiny_model_trains_on_real_data(tmp_path):
-    from mammo_core.train import TrainConfig, train
+    from mammo_core.training.train import TrainConfig, train
 
     cfg = TrainConfig(data_dir=DATA, name="real-smoke", protocol="grouped", epochs=1, batch_size=16, max_steps_per_epoch=3)
     model_dir = train(cfg, root=tmp_path, log=lambda m: None)
@@ -69,7 +72,7 @@ def shipped_models() -> list[str]:
 
 @pytest.mark.parametrize("name", shipped_models())
 def test_shipped_model_rescoring_matches_its_predictions(name):
-    from mammo_core.predict import Predictor
+    from mammo_core.inference.predict import Predictor
 
     model_dir = REPO_ROOT / "weights" / name
     recorded = pd.read_csv(model_dir / registry.PREDICTIONS_FILE)
@@ -78,7 +81,7 @@ def test_shipped_model_rescoring_matches_its_predictions(name):
     if predictor.ensemble is not None:
         # out-of-fold predictions: each image by the member of its fold (trained on float16 cached trunk
         # activations, hence the looser tolerance); the ensemble's own probability is their mean
-        images = data.load_images([str(Path(DATA) / p) for p in sample["path"]], preprocessing=predictor.preprocessing)
+        images = load_images([str(Path(DATA) / p) for p in sample["path"]], preprocessing=predictor.preprocessing)
         members, _, _ = predictor.ensemble(images, with_cam=False)
         by_fold = members[np.arange(len(sample)), sample["fold"].to_numpy()]
         diff = np.abs(by_fold - sample["probability"].to_numpy())

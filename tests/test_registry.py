@@ -1,4 +1,4 @@
-"""Model trust and no silent swaps (mammo_core.registry): shipped models pinned in the repository,
+"""Model trust and no silent swaps (mammo_core.store.registry): shipped models pinned in the repository,
 trained-here models recorded by the trainer, hand-dropped folders unverified until an admin
 confirms them, and storage errors said in one line."""
 
@@ -10,16 +10,18 @@ import shutil
 
 import pytest
 
-from mammo_core import registry
 from mammo_core.errors import ModelDirError
+from mammo_core.store import registry
+from mammo_core.store.card import read_card, write_card
+from mammo_core.store.files import sha256_file, storage_error_message
 
 
 def _drop_in(root, source, name, created="2999-01-01T00:00:00+00:00"):
     """A folder copied in by hand, with a future date and its own matching sha256."""
     shutil.copytree(source, root / name)
-    card = registry.read_card(root / name)
+    card = read_card(root / name)
     card["name"], card["created"] = name, created
-    registry.write_card(root / name, card)
+    write_card(root / name, card)
     return root / name
 
 
@@ -30,8 +32,8 @@ def test_shipped_models_are_pinned_in_the_repository():
     shipped = [p for p in repo_weights.iterdir() if (p / registry.CARD_FILE).is_file() and not p.name.startswith(".")]
     assert shipped and {p.name for p in shipped} <= set(pinned)
     for path in shipped:
-        assert registry.sha256_file(path / registry.MODEL_FILE) == pinned[path.name]["model_sha256"]
-        assert registry.read_card(path)["model_sha256"] == pinned[path.name]["model_sha256"]
+        assert sha256_file(path / registry.MODEL_FILE) == pinned[path.name]["model_sha256"]
+        assert read_card(path)["model_sha256"] == pinned[path.name]["model_sha256"]
     entries = {e.name: e for e in registry.list_models(repo_weights)}
     assert all(entries[p.name].trust == registry.TRUST_SHIPPED for p in shipped)
 
@@ -40,7 +42,7 @@ def test_trained_models_are_recorded_and_dropped_folders_are_unverified(tiny_wei
     root = tiny_weights_copy
     local = registry.local_models(root)
     assert local["tiny-grouped"]["source"] == registry.TRUST_TRAINED  # written by the trainer
-    assert local["tiny-grouped"]["model_sha256"] == registry.read_card(root / "tiny-grouped")["model_sha256"]
+    assert local["tiny-grouped"]["model_sha256"] == read_card(root / "tiny-grouped")["model_sha256"]
     _drop_in(root, root / "tiny-paper", "dropped")
     entries = {e.name: e for e in registry.list_models(root)}
     assert entries["dropped"].trust == registry.TRUST_UNVERIFIED and not entries["dropped"].trusted
@@ -95,13 +97,13 @@ def test_local_manifest_is_json_with_hashes(tiny_weights_copy):
 @pytest.mark.parametrize("code,words", [(errno.ENOSPC, "disk is full"), (errno.EROFS, "read-only"),
                                         (errno.EACCES, "read-only")])
 def test_storage_errors_are_one_line(code, words):
-    message = registry.storage_error_message(OSError(code, "x", "/w/.tmp-m/model.keras"), "the model")
+    message = storage_error_message(OSError(code, "x", "/w/.tmp-m/model.keras"), "the model")
     assert words in message and "\n" not in message and message.startswith("/w/.tmp-m/model.keras")
 
 
 def test_disk_full_while_training_is_one_line_exit_1_and_leaves_nothing(tiny_dataset, tmp_path, monkeypatch, capsys):
     from mammo_core import cli
-    from mammo_core import train as train_mod
+    from mammo_core.training import train as train_mod
 
     root = tmp_path / "w"
 
@@ -119,7 +121,7 @@ def test_disk_full_while_training_is_one_line_exit_1_and_leaves_nothing(tiny_dat
 
 
 def test_a_failed_runs_storage_error_reads_plainly():
-    from mammo_core import jobs
+    from mammo_core.store import jobs
 
     text = jobs._readable_error("[Errno 28] No space left on device: '/w/.tmp-x/model.keras'")
     assert text.startswith("/w/.tmp-x/model.keras: the disk is full")

@@ -9,8 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mammo_core import ensemble, finetune
-from mammo_core.ensemble import EnsembleScorer, resolve_precision
+from mammo_core.inference import ensemble
+from mammo_core.inference.ensemble import EnsembleScorer, resolve_precision
+from mammo_core.training import finetune
 
 GRADIENT_OPS = ("Grad", "Backprop")
 
@@ -121,7 +122,7 @@ def test_gradcam_gradients_reach_no_trunk_variable(ens, images):
 
 
 def test_precision_is_float32_unless_bfloat16_is_asked_for_and_native(monkeypatch):
-    from mammo_core import fast_training
+    from mammo_core.models import fast_training
 
     monkeypatch.delenv(ensemble.PRECISION_ENV, raising=False)
     assert resolve_precision() == "float32" and resolve_precision("auto") == "float32"
@@ -137,7 +138,7 @@ def test_precision_is_float32_unless_bfloat16_is_asked_for_and_native(monkeypatc
 
 
 def test_bfloat16_scorer_runs_bfloat16_convolutions_and_keeps_the_heatmap(ens, images):
-    from mammo_core.fast_training import cpu_has_native_bfloat16
+    from mammo_core.models.fast_training import cpu_has_native_bfloat16
 
     if not cpu_has_native_bfloat16():
         pytest.skip("this CPU has no native bfloat16 (AVX512-BF16 / AMX)")
@@ -159,7 +160,7 @@ def test_bfloat16_scorer_runs_bfloat16_convolutions_and_keeps_the_heatmap(ens, i
 
 
 def test_decoding_threads_do_not_change_results(tmp_path, ens):
-    from mammo_core.predict import Predictor
+    from mammo_core.inference.predict import Predictor
     from tests.factories import png_bytes, synthetic_mammogram
 
     model, card = ens

@@ -15,9 +15,12 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from mammo_core import registry  # noqa: E402
 from mammo_core.errors import ModelDirError, TrainingBusyError  # noqa: E402
-from mammo_core.train import TrainConfig, train, training_in_progress, training_lock  # noqa: E402
+from mammo_core.store import registry  # noqa: E402
+from mammo_core.store.card import read_card, write_card  # noqa: E402
+from mammo_core.store.files import atomic_write_text, sha256_file  # noqa: E402
+from mammo_core.store.run_safety import Cancelled, training_in_progress, training_lock  # noqa: E402
+from mammo_core.training.train import TrainConfig, train  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,17 +33,17 @@ def trained(tiny_weights):
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {p.name: registry.sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def test_model_directory_is_complete(trained):
     model_dir, root = trained
     assert {"model.keras", "card.json", "history.csv", "test_predictions.csv"} <= {p.name for p in model_dir.iterdir()}
-    card = registry.read_card(model_dir)
+    card = read_card(model_dir)
     for key in ("name", "created", "architecture", "input_shape", "dataset", "split", "training", "threshold",
                 "model_sha256", "metrics", "evaluation"):
         assert key in card, key
-    assert card["model_sha256"] == registry.sha256_file(model_dir / "model.keras")
+    assert card["model_sha256"] == sha256_file(model_dir / "model.keras")
     assert card["dataset"]["n_files"] == 72 and len(card["dataset"]["sha256"]) == 64
     assert card["split"]["protocol"] == "paper"
     assert card["split"]["shared_source_images"]["train-test"] == 8  # the paper layout leaks by construction
@@ -61,7 +64,7 @@ def test_model_directory_is_complete(trained):
 
 
 def test_recorded_predictions_match_reloaded_model(trained, tiny_dataset):
-    from mammo_core.predict import Predictor
+    from mammo_core.inference.predict import Predictor
 
     model_dir, _ = trained
     preds = pd.read_csv(model_dir / "test_predictions.csv")
@@ -103,15 +106,15 @@ def test_corrupted_model_is_detected_and_never_swapped(trained, tmp_path):
     root = tmp_path / "w"
     shutil.copytree(model_dir, root / "good")
     shutil.copytree(model_dir, root / "bad")
-    card = registry.read_card(root / "bad")
+    card = read_card(root / "bad")
     card["created"] = "2999-01-01T00:00:00+00:00"  # newest, so it would be preferred
-    registry.write_card(root / "bad", card)
+    write_card(root / "bad", card)
     data = bytearray((root / "bad" / "model.keras").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (root / "bad" / "model.keras").write_bytes(bytes(data))
     with pytest.raises(ModelDirError, match="does not match"):
         registry.load_model(root / "bad")
-    registry.atomic_write_text(root / "ACTIVE", "bad\n")
+    atomic_write_text(root / "ACTIVE", "bad\n")
     # No silent swap: the active model is still "bad", and loading it says why instead of using "good".
     assert registry.active_model_name(root) == "bad"
     with pytest.raises(ModelDirError, match="does not match"):
@@ -142,7 +145,7 @@ def _wait_running(proc, progress: Path, timeout: float = 180) -> None:
 def test_sigterm_is_reported_as_cancelled_even_when_library_code_wraps_it(tmp_path, tiny_dataset, monkeypatch):
     """SIGTERM raises Cancelled wherever the main thread is; if TensorFlow/Keras code there turns it
     into an error of its own, train() must still report a cancellation and leave nothing behind."""
-    from mammo_core import train as train_mod
+    from mammo_core.training import train as train_mod
 
     def wrapped(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # the handler raises Cancelled here ...
@@ -156,7 +159,7 @@ def test_sigterm_is_reported_as_cancelled_even_when_library_code_wraps_it(tmp_pa
 
     monkeypatch.setattr(train_mod, "_train_into", library_wrapping)
     progress = tmp_path / "progress.json"
-    with pytest.raises(train_mod.Cancelled):
+    with pytest.raises(Cancelled):
         train(TrainConfig(data_dir=str(tiny_dataset), name="x", epochs=1), root=tmp_path / "w",
               progress_path=progress, log=lambda m: None)
     assert json.loads(progress.read_text())["state"] == "cancelled"
@@ -171,7 +174,7 @@ def test_killed_or_cancelled_training_loses_nothing(trained, tiny_dataset, tmp_p
     model_dir, _ = trained
     root = tmp_path / "w"
     shutil.copytree(model_dir, root / "tiny")
-    registry.atomic_write_text(root / "ACTIVE", "tiny\n")
+    atomic_write_text(root / "ACTIVE", "tiny\n")
     before = snapshot(root / "tiny")
     progress = tmp_path / "progress.json"
     proc = _start_training(root, tiny_dataset, "new", progress)

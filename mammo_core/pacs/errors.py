@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import MammoError
+from mammo_core.errors import MammoError
 
 
 class PacsError(MammoError):

@@ -106,7 +106,7 @@ class StudyListener:
         try:
             outcome = score_images(self.predictor, study, images, skipped, rule=self.rule, push_to=self.push_to)
         except Exception as exc:  # a failed push must not stop the listener
-            from ..errors import MammoError
+            from mammo_core.errors import MammoError
 
             # Our own errors are written to be shown; others might quote a header value, so only their type.
             text = str(exc) if isinstance(exc, MammoError) else f"scoring failed ({type(exc).__name__})"

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from ..explain import overlay
+from mammo_core.inference.explain import overlay
 from .scoring import ImageScore, heatmap_on_frame
 from .vocabulary import DISCLAIMER, MANUFACTURER, SC_MAX_SIDE, SC_SERIES_NUMBER
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..predict import Prediction
+from mammo_core.inference.predict import Prediction
 from .study import StudyImage
 from .vocabulary import BREAST_RULES, DEFAULT_BREAST_RULE
 
@@ -83,7 +83,7 @@ def score_study(predictor: Any, study_uid: str, images: Iterable[StudyImage], *,
     """Score every image (one bad image never stops the rest), then each breast and the exam.
 
     Args:
-        predictor: a loaded `mammo_core.predict.Predictor`.
+        predictor: a loaded `mammo_core.inference.predict.Predictor`.
         study_uid: the study's Study Instance UID.
         images: the study's for-presentation mammograms, with their Part 10 bytes.
         rule: how a breast's views are combined ('max' or 'mean').

