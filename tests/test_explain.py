@@ -111,3 +111,21 @@ def test_overlay_shape_and_blend():
     assert tuple(hot[0, 0]) == (128, 0, 0)  # jet(1.0) is dark red
     with pytest.raises(ValueError, match="alpha"):
         overlay(pixels, heat, alpha=2)
+
+
+def _classic_jet(values: np.ndarray) -> np.ndarray:
+    """The piecewise-linear jet the overlay drew before its colours came from a Plotly-built table."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    return np.concatenate([np.clip(1.5 - np.abs(4.0 * v - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)], axis=-1)
+
+
+@pytest.mark.parametrize("alpha,tolerance", [(0.4, 1), (1.0, 3)])
+def test_overlay_colours_match_the_classic_jet(alpha, tolerance):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (64, 96), dtype=np.uint8)
+    heat = np.concatenate([np.linspace(0.0, 1.0, 64 * 48), rng.random(64 * 48)]).reshape(64, 96).astype(np.float32)
+    gray = np.repeat((pixels / 255.0)[..., None], 3, axis=-1)
+    expected = np.round(np.clip((1 - alpha) * gray + alpha * _classic_jet(heat), 0, 1) * 255).astype(int)
+    got = overlay(pixels, heat, alpha=alpha).astype(int)
+    assert np.abs(got - expected).max() <= tolerance
+    assert (got != overlay(pixels, np.zeros_like(heat), alpha=alpha)).any()  # the heatmap is drawn

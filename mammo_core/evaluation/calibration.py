@@ -39,8 +39,10 @@ def apply_temperature(probabilities: Sequence[float] | np.ndarray, temperature: 
 
 def brier(labels: Sequence[int], probabilities: Sequence[float]) -> float:
     """Brier score: mean squared difference between probability and outcome (0 best, 0.25 = always 0.5)."""
+    from sklearn.metrics import brier_score_loss
+
     y, p = validate_predictions(labels, probabilities)
-    return float(np.mean((p - y) ** 2))
+    return float(brier_score_loss(y, p))
 
 
 def fit_temperature(labels: Sequence[int], probabilities: Sequence[float]) -> float:

@@ -86,25 +86,14 @@ def compute_metrics(
         raise ValueError(f"threshold must be within [0, 1], got {threshold}")
     y, p = validate_predictions(labels, probabilities)
     pred = (p >= threshold).astype(int)
-    precision, recall, f1, support = skm.precision_recall_fscore_support(
-        y, pred, labels=[0, 1], zero_division=0
-    )
+    report = skm.classification_report(y, pred, labels=[0, 1], target_names=list(CLASS_NAMES), output_dict=True,
+                                       zero_division=0)
+
+    def row(entry: dict[str, float]) -> dict[str, Any]:
+        return {"precision": float(entry["precision"]), "recall": float(entry["recall"]),
+                "f1": float(entry["f1-score"]), "support": int(entry["support"])}
+
     cm = skm.confusion_matrix(y, pred, labels=[0, 1])
-    tn, fp, fn, tp = (int(v) for v in cm.ravel())
-    per_class = {
-        name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
-        for i, name in enumerate(CLASS_NAMES)
-    }
-    weights = support / support.sum()
-
-    def avg(w):
-        return {
-            "precision": float(np.sum(precision * w)),
-            "recall": float(np.sum(recall * w)),
-            "f1": float(np.sum(f1 * w)),
-            "support": int(support.sum()),
-        }
-
     return {
         "n": int(y.size),
         "threshold": float(threshold),
@@ -112,8 +101,8 @@ def compute_metrics(
         "accuracy": float((pred == y).mean()),
         "auc": auc(y, p),
         **dict(zip(("sensitivity", "specificity"), sensitivity_specificity(y, p, threshold))),
-        "per_class": per_class,
-        "macro_avg": avg(np.full(2, 0.5)),
-        "weighted_avg": avg(weights),
+        "per_class": {name: row(report[name]) for name in CLASS_NAMES},
+        "macro_avg": row(report["macro avg"]),
+        "weighted_avg": row(report["weighted avg"]),
         "confusion_matrix": cm.tolist(),
     }

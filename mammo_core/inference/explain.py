@@ -131,13 +131,28 @@ class GradCAM:
         return probs.numpy(), cams.numpy()
 
 
+#: The classic (MATLAB/matplotlib) jet as colour-scale stops. Plotly's own "Jet" is a different map (dark
+#: blue rgb(0,60,170) at 0.125 where jet is pure blue, up to 0.33 apart per channel), so its stops are not used.
+JET_STOPS = [[0.0, "rgb(0,0,127.5)"], [0.125, "rgb(0,0,255)"], [0.375, "rgb(0,255,255)"],
+             [0.625, "rgb(255,255,0)"], [0.875, "rgb(255,0,0)"], [1.0, "rgb(127.5,0,0)"]]
+_JET_LUT: np.ndarray | None = None
+
+
+def jet_lut() -> np.ndarray:
+    """(256, 3) float RGB in [0, 1]: `JET_STOPS` sampled once by Plotly's colour-scale interpolation."""
+    global _JET_LUT
+    if _JET_LUT is None:
+        from plotly.colors import sample_colorscale, unlabel_rgb
+
+        samples = sample_colorscale(JET_STOPS, list(np.linspace(0.0, 1.0, 256)))
+        _JET_LUT = np.asarray([unlabel_rgb(c) for c in samples], dtype=np.float64) / 255.0
+    return _JET_LUT
+
+
 def _jet(values: np.ndarray) -> np.ndarray:
-    """Matplotlib's 'jet' colormap in NumPy: [0, 1] floats -> (..., 3) floats in [0, 1]."""
-    v = np.clip(values, 0.0, 1.0)[..., None]
-    r = np.clip(1.5 - np.abs(4.0 * v - 3.0), 0.0, 1.0)
-    g = np.clip(1.5 - np.abs(4.0 * v - 2.0), 0.0, 1.0)
-    b = np.clip(1.5 - np.abs(4.0 * v - 1.0), 0.0, 1.0)
-    return np.concatenate([r, g, b], axis=-1)
+    """Jet colours of [0, 1] floats: (..., 3) floats in [0, 1], from the 256-entry `jet_lut`."""
+    index = np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.intp)
+    return jet_lut()[index]
 
 
 def overlay(pixels: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.4, floor: float = 0.0) -> np.ndarray:
