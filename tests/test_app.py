@@ -179,6 +179,30 @@ def test_review_batch_worklist_is_sorted_by_probability(app_env, tiny_weights):
     assert at.subheader[-1].value == top  # the most suspicious image is shown first
 
 
+def _chart_kinds(at) -> list[str]:
+    """What each Plotly chart on the page is, read from its figure: roc, confusion, histogram <title>,
+    reliability or history."""
+    kinds = []
+    for chart in at.get("plotly_chart"):
+        fig = json.loads(chart.proto.spec)
+        layout, traces = fig.get("layout", {}), fig.get("data", [])
+        x_title = ((layout.get("xaxis") or {}).get("title") or {}).get("text", "")
+        annotations = [a.get("text") for a in layout.get("annotations", [])]
+        if x_title.startswith("False-positive rate"):
+            kinds.append("roc")
+        elif traces and all(tr.get("type") == "heatmap" for tr in traces):
+            kinds.append("confusion")
+        elif x_title == "Predicted probability of malignancy":
+            kinds.append(f"histogram {(layout.get('title') or {}).get('text', '')}")
+        elif x_title == "Mean predicted probability":
+            kinds.append("reliability")
+        elif annotations[:2] == ["Loss", "Accuracy"]:
+            kinds.append("history")
+        else:
+            kinds.append(f"unknown {x_title!r}")
+    return kinds
+
+
 def test_metrics_threshold_changes_confusion_matrix_and_compares_models(app_env, tiny_weights):
     app_env(tiny_weights)
     at = start("metrics")
@@ -191,7 +215,9 @@ def test_metrics_threshold_changes_confusion_matrix_and_compares_models(app_env,
     roc = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
     assert any(t["name"].startswith("tiny-paper — paper split, LEAKY") for t in roc)
     assert any("paper's reported Table 1" in c.value for c in at.caption)
-    assert len(at.get("plotly_chart")) >= 5  # ROC, 2 confusion matrices, 2 histograms, reliability
+    assert sorted(_chart_kinds(at)) == sorted([
+        "roc", "confusion", "confusion", "histogram tiny-grouped", "histogram tiny-paper", "reliability",
+        "history", "history"])  # one ROC and one reliability plot for both models; the rest per model
 
     def counts() -> list[str]:
         return [c.value for c in at.caption if c.value.startswith("At threshold")]

@@ -38,6 +38,16 @@ def test_shipped_models_are_pinned_in_the_repository():
     assert all(entries[p.name].trust == registry.TRUST_SHIPPED for p in shipped)
 
 
+def test_shipped_models_exist_and_verify():
+    """Every shipped model folder is complete and matches its pinned sha256; needs no dataset (never skipped)."""
+    shipped = [e.name for e in registry.list_models(registry.PINNED_MANIFEST.parent) if e.problem is None]
+    assert shipped, "no shipped model under weights/"
+    assert set(shipped) == set(registry.pinned_models())
+    for name in shipped:
+        card = registry.verify_model_dir(registry.PINNED_MANIFEST.parent / name)
+        assert card["dataset"]["n_files"] == 7632
+
+
 def test_trained_models_are_recorded_and_dropped_folders_are_unverified(tiny_weights_copy):
     root = tiny_weights_copy
     local = registry.local_models(root)
