@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections import OrderedDict
+from typing import Any
 
 import pandas as pd
 import streamlit as st
@@ -127,7 +128,7 @@ def pacs_source(predictor, threshold: float, config) -> None:
     SR and Secondary Captures back with one button."""
     from mammo_core.pacs import PacsError
     from mammo_core.pacs.roundtrip import result_objects
-    from mammo_core.pacs.scoring import json_records, score_study
+    from mammo_core.pacs.scoring import score_study
 
     from appkit import pacs as pacs_app
 
@@ -161,25 +162,7 @@ def pacs_source(predictor, threshold: float, config) -> None:
             if "skipped" in state and score is None:
                 st.error("This study has no for-presentation MG image to score.")
             return
-        for s in score.errors:
-            st.error(shared.plain(s.prediction.error))
-        records = json_records(score)
-        images_rows = [{"image": r.get("path") or r.get("sop_instance_uid"), "laterality": r["laterality"] or "?",
-                        "view": r["view"] or "?", "probability": round(r["probability"], 4),
-                        "decision": predictor.decision(r["probability"], threshold)}
-                       for r in records if r["level"] == "image" and r.get("probability") is not None]
-        st.subheader(f"Study: {len(images_rows)} images scored")
-        st.dataframe(pd.DataFrame(images_rows), hide_index=True, key="pacs_images")
-        breasts = [{"breast": {"R": "right", "L": "left"}[r["laterality"]], "views": ", ".join(r["views"]),
-                    "probability": round(r["probability"], 4), "decision": predictor.decision(r["probability"], threshold)}
-                   for r in records if r["level"] == "breast"]
-        if breasts:
-            st.table(pd.DataFrame(breasts).set_index("breast"))
-        if score.exam_probability is not None:
-            st.metric("Exam (higher breast)", f"{score.exam_probability:.3f}",
-                      predictor.decision(score.exam_probability, threshold), delta_color="off")
-        st.caption(f"Breast = {score.rule} of its views; exam = the higher breast. Decisions here at threshold "
-                   f"{threshold:.2f}; the pushed report records the card's threshold ({predictor.threshold:.2f}).")
+        study_results(predictor, score, threshold)
         if state.get("pushed"):
             st.success(state["pushed"])
         elif st.button("Push results to the PACS (SR + Secondary Captures)", key="pacs_push"):
@@ -191,6 +174,31 @@ def pacs_source(predictor, threshold: float, config) -> None:
             st.success(state["pushed"])
     except PacsError as exc:  # unreachable, refused credentials, rejected store: one line, no secrets
         st.error(shared.plain(exc))
+
+
+def study_results(predictor, score, threshold: float) -> None:
+    """A scored study's images, breasts and exam with their decisions at `threshold`."""
+    from mammo_core.pacs.scoring import json_records
+
+    for s in score.errors:
+        st.error(shared.plain(s.prediction.error))
+    records = json_records(score)
+    images_rows = [{"image": r.get("path") or r.get("sop_instance_uid"), "laterality": r["laterality"] or "?",
+                    "view": r["view"] or "?", "probability": round(r["probability"], 4),
+                    "decision": predictor.decision(r["probability"], threshold)}
+                   for r in records if r["level"] == "image" and r.get("probability") is not None]
+    st.subheader(f"Study: {len(images_rows)} images scored")
+    st.dataframe(pd.DataFrame(images_rows), hide_index=True, key="pacs_images")
+    breasts = [{"breast": {"R": "right", "L": "left"}[r["laterality"]], "views": ", ".join(r["views"]),
+                "probability": round(r["probability"], 4), "decision": predictor.decision(r["probability"], threshold)}
+               for r in records if r["level"] == "breast"]
+    if breasts:
+        st.table(pd.DataFrame(breasts).set_index("breast"))
+    if score.exam_probability is not None:
+        st.metric("Exam (higher breast)", f"{score.exam_probability:.3f}",
+                  predictor.decision(score.exam_probability, threshold), delta_color="off")
+    st.caption(f"Breast = {score.rule} of its views; exam = the higher breast. Decisions here at threshold "
+               f"{threshold:.2f}; the pushed report records the card's threshold ({predictor.threshold:.2f}).")
 
 
 def main() -> None:
@@ -207,21 +215,8 @@ def main() -> None:
         st.error(f"{shared.plain(exc)} Nothing was scored; choose a model in the sidebar.")
         return
     shared.show_warnings(warnings)
-    card = predictor.card
-    honest = " · ".join(f"cross-validated AUC by {v['by']} {v['text']}" for v in cards.cross_validated(card).values())
-    single = cards.single_split(card)
-    st.caption(f"Model **{shared.plain(predictor.name)}** · {cards.protocol_short(card)} · created {cards.created_date(card)}"
-               + (f" · {honest}" if honest else "") + (f" · single split test AUC {single['text']}" if single else ""))
-    if cards.is_leaky(card):
-        st.warning(shared.LEAKY_BANNER, icon=":material/warning:")
-
-    left, right = st.columns([2, 1])
-    with left:
-        threshold = shared.threshold_control(card, predictor.name, where="review")
-    with right:
-        alpha = st.slider("Grad-CAM opacity", 0.0, 1.0, 0.5, 0.05, key="review_alpha")
-        floor = st.slider("Grad-CAM drawn above (share of its peak)", 0.0, 0.95, 0.5, 0.05, key="review_floor",
-                          help="Only the upper part of the heat map is coloured; below it the grey image shows.")
+    model_header(predictor.card, predictor.name)
+    threshold, alpha, floor = display_controls(predictor.card, predictor.name)
 
     from appkit import pacs as pacs_app
 
@@ -237,12 +232,45 @@ def main() -> None:
         st.info("Upload one or more images to score them.")
         audit_section(log)
         return
+    ok, rows = score_and_record(predictor, [(f.name, f.getvalue()) for f in uploads], threshold, log)
+    if ok:
+        fname, pred, decision, row_id = ok[worklist(ok, rows)]
+        show_prediction(fname, pred, decision, threshold, alpha, floor)
+        if row_id is not None and log is not None:
+            note_input(log, row_id)
+    audit_section(log)
 
-    named = [(f.name, f.getvalue()) for f in uploads]
-    results = score_uploads(predictor, named)
 
+def model_header(card: dict, name: str) -> None:
+    """The model in use with its honest numbers, and the leaky-split banner when it applies."""
+    honest = " · ".join(f"cross-validated AUC by {v['by']} {v['text']}" for v in cards.cross_validated(card).values())
+    single = cards.single_split(card)
+    st.caption(f"Model **{shared.plain(name)}** · {cards.protocol_short(card)} · created {cards.created_date(card)}"
+               + (f" · {honest}" if honest else "") + (f" · single split test AUC {single['text']}" if single else ""))
+    if cards.is_leaky(card):
+        st.warning(shared.LEAKY_BANNER, icon=":material/warning:")
+
+
+def display_controls(card: dict, name: str) -> tuple[float, float, float]:
+    """The decision threshold and the Grad-CAM opacity and floor: (threshold, alpha, floor)."""
+    left, right = st.columns([2, 1])
+    with left:
+        threshold = shared.threshold_control(card, name, where="review")
+    with right:
+        alpha = st.slider("Grad-CAM opacity", 0.0, 1.0, 0.5, 0.05, key="review_alpha")
+        floor = st.slider("Grad-CAM drawn above (share of its peak)", 0.0, 0.95, 0.5, 0.05, key="review_floor",
+                          help="Only the upper part of the heat map is coloured; below it the grey image shows.")
+    return threshold, alpha, floor
+
+
+def score_and_record(predictor, named: list[tuple[str, bytes]], threshold: float, log: Any
+                     ) -> tuple[list[tuple[str, Any, str, Any]], list[dict[str, Any]]]:
+    """Score the uploads, say which could not be read, record the others in the audit log.
+
+    Returns ([(file name, prediction, decision, audit row id)], [worklist row]) for the scored images.
+    """
     ok, rows = [], []
-    for fname, pred in results:
+    for fname, pred in score_uploads(predictor, named):
         if pred.error is not None:
             reason = pred.error.removeprefix(f"{fname}: ")  # the message already names the file
             st.error(f"{shared.plain(fname)} could not be scored: {shared.plain(reason)}")
@@ -256,10 +284,11 @@ def main() -> None:
                      "decision": decision,
                      "check": "in distribution" if not pred.warnings else "⚠ " + pred.warnings[0].split(";")[0],
                      "threshold": round(threshold, 4), "model": predictor.name})
-    if not ok:
-        audit_section(log)
-        return
+    return ok, rows
 
+
+def worklist(ok: list[tuple[str, Any, str, Any]], rows: list[dict[str, Any]]) -> int:
+    """The worklist, most suspicious first, with its CSV download; returns the index of the image to inspect."""
     order = sorted(range(len(ok)), key=lambda i: -ok[i][1].probability)
     st.subheader(f"Worklist ({len(ok)} scored, most suspicious first)")
     table = pd.DataFrame([rows[i] for i in order])
@@ -268,25 +297,23 @@ def main() -> None:
                                                        min_value=0.0, max_value=1.0)})
     st.download_button("Download the worklist (CSV)", table.to_csv(index=False), file_name="worklist.csv",
                        mime="text/csv", key="worklist_csv")
+    if len(ok) == 1:
+        return 0
+    return st.selectbox("Image to inspect", order, key="review_pick",
+                        format_func=lambda i: f"{ok[i][0]} — {ok[i][1].probability:.3f} ({ok[i][2]})")
 
-    if len(ok) > 1:
-        pick = st.selectbox("Image to inspect", order, key="review_pick",
-                            format_func=lambda i: f"{ok[i][0]} — {ok[i][1].probability:.3f} ({ok[i][2]})")
-    else:
-        pick = 0
-    fname, pred, decision, row_id = ok[pick]
-    show_prediction(fname, pred, decision, threshold, alpha, floor)
-    if row_id is not None and log is not None:
-        def save_note(row=row_id, key=f"note::{row_id}") -> None:
-            try:
-                log.set_note(row, st.session_state[key])
-            except Exception as exc:  # noqa: BLE001
-                st.session_state["review_note_error"] = str(exc)
 
-        st.text_input("Note for the audit log (no patient identifiers)", key=f"note::{row_id}", on_change=save_note)
-        if err := st.session_state.pop("review_note_error", None):
-            st.warning(f"The note was not saved ({err}).")
-    audit_section(log)
+def note_input(log: Any, row_id: Any) -> None:
+    """A reviewer's note for the image's audit row, saved when it changes."""
+    def save_note(row=row_id, key=f"note::{row_id}") -> None:
+        try:
+            log.set_note(row, st.session_state[key])
+        except Exception as exc:  # noqa: BLE001
+            st.session_state["review_note_error"] = str(exc)
+
+    st.text_input("Note for the audit log (no patient identifiers)", key=f"note::{row_id}", on_change=save_note)
+    if err := st.session_state.pop("review_note_error", None):
+        st.warning(f"The note was not saved ({err}).")
 
 
 def show_prediction(fname: str, pred, decision: str, threshold: float, alpha: float, floor: float) -> None:

@@ -12,13 +12,11 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from mammo_core.evaluation import metrics as evaluate
-from appkit import plots
+from appkit import cards, plots, shared
 from mammo_core.config import CLASS_NAMES, REPO_ROOT, data_dir
+from mammo_core.evaluation import metrics as evaluate
 from mammo_core.evaluation.calibration import brier
 from mammo_core.store.registry import HISTORY_FILE
-
-from appkit import cards, shared
 
 shared.setup("Metrics")
 
@@ -203,38 +201,56 @@ def breast_level(data: list[tuple[str, dict]]) -> None:
                    "cross-validation; 95 % intervals resample patients.")
 
 
+Scored = tuple[str, dict, pd.DataFrame, dict]  # (model name, card, test predictions, metrics at the threshold)
+
+
 def main() -> None:
     st.title("Metrics")
     entries = shared.usable_models()
     if not entries:
         st.info("No trained model yet. Train one on the Retrain page.")
         return
-    names = [e.name for e in entries]
     cards_ = {e.name: e.card for e in entries}
     dirs = {e.name: e.path for e in entries}
-    chosen = shared.chosen_model_name()
-    selected = st.multiselect("Models to compare", names, default=default_selection(names, cards_, chosen),
+    selected = st.multiselect("Models to compare", list(cards_),
+                              default=default_selection(list(cards_), cards_, shared.chosen_model_name()),
                               key="metrics_models", help="All figures show every selected model.")
     if not selected:
         st.info("Choose at least one model.")
         return
-    first = selected[0]
-    threshold = shared.threshold_control(cards_[first], first, where="metrics")
+    threshold = shared.threshold_control(cards_[selected[0]], selected[0], where="metrics")
     st.caption("The threshold applies to every model shown. Everything here is computed from each model's "
                "recorded test predictions (test_predictions.csv: out-of-fold predictions for cross-validated "
                "models); nothing is re-scored.")
+    honest_numbers([(n, cards_[n]) for n in selected])
+    data = scored(selected, cards_, dirs, threshold)
+    if not data:
+        return
+    threshold_summary(data, threshold)
+    roc_section(data, threshold)
+    confusion_section(data, threshold)
+    histogram_section(data, threshold)
+    calibration_section(data)
+    training_curves(data, dirs)
+    test_images(data, threshold)
 
+
+def honest_numbers(models: list[tuple[str, dict]]) -> None:
     st.subheader("Honest numbers first")
-    st.table(honest_table([(n, cards_[n]) for n in selected]))
+    st.table(honest_table(models))
     st.caption("Cross-validated AUC: pooled out-of-fold predictions of grouped k-fold cross-validation, with a 95 % "
                "bootstrap interval that resamples source images (or patients), not copies. These estimate performance "
                "on new mammograms; a single split rests on few source images, and the paper split is leaky.")
-    for n in selected:
-        if cards.is_leaky(cards_[n]):
+    for n, card in models:
+        if cards.is_leaky(card):
             st.warning(f"{shared.plain(n)}: " + shared.LEAKY_BANNER, icon=":material/warning:")
-    breast_level([(n, cards_[n]) for n in selected])
+    breast_level(models)
 
-    data: list[tuple[str, dict, pd.DataFrame, dict]] = []
+
+def scored(selected: list[str], cards_: dict[str, dict], dirs: dict[str, Path], threshold: float) -> list[Scored]:
+    """Each selected model's recorded test predictions and their metrics at `threshold`; unusable ones are
+    left out with a warning."""
+    data: list[Scored] = []
     for name in selected:
         table = shared.test_predictions(dirs[name])
         if table is None:
@@ -246,10 +262,12 @@ def main() -> None:
             st.warning(f"{shared.plain(name)}: test predictions are unusable ({shared.plain(exc)}); it is left out.")
             continue
         data.append((name, cards_[name], table, m))
-    if not data:
-        return
+    return data
 
+
+def threshold_summary(data: list[Scored], threshold: float) -> None:
     st.subheader(f"At threshold {threshold:.2f}")
+
     def count(value: Any) -> str:
         return "—" if value is None else str(value)
 
@@ -265,6 +283,8 @@ def main() -> None:
     if sentence:
         st.markdown(sentence)
 
+
+def roc_section(data: list[Scored], threshold: float) -> None:
     st.subheader("ROC curve")
     curves = []
     for n, c, t, m in data:
@@ -275,6 +295,8 @@ def main() -> None:
                        "point": (fp / (fp + tn) if fp + tn else 0.0, tp / (tp + fn) if tp + fn else 0.0)})
     st.plotly_chart(plots.roc_figure(curves, threshold=threshold), key="roc")
 
+
+def confusion_section(data: list[Scored], threshold: float) -> None:
     st.subheader("Confusion matrix and Table 1")
     for n, c, t, m in data:
         (tn, fp), (fn, tp) = m["confusion_matrix"]
@@ -294,12 +316,16 @@ def main() -> None:
                 st.caption(f"The paper's reported Table 1 (paper split): accuracy {p['accuracy']:.2%}, "
                            f"loss {p['loss']:.2f}, AUC {p['auc']:.3f}. For reference only.")
 
+
+def histogram_section(data: list[Scored], threshold: float) -> None:
     st.subheader("Predicted probabilities by true class")
     cols = st.columns(min(len(data), 2))
     for i, (n, _, t, _) in enumerate(data):
         with cols[i % len(cols)]:
             st.plotly_chart(plots.probability_histogram(t, threshold=threshold, title=n), key=f"hist_{n}")
 
+
+def calibration_section(data: list[Scored]) -> None:
     st.subheader("Calibration")
     st.caption("Reliability diagram of the test probabilities in test_predictions.csv, as the app reports them "
                "(after calibration when the card has one; before it too when recorded), in 10 equal-width bins. "
@@ -320,19 +346,26 @@ def main() -> None:
                 calibration_info(c)
                 for cv in cross_validations(c):
                     cross_validation(cv)
-                points = shared.operating_points(c)
-                if points:
-                    st.markdown("**Operating points**")
-                    rows = []
-                    for op in points:
-                        row = {"operating point": op["name"], "threshold": cards.fmt(op["threshold"], ".2f")}
-                        for where, sens, spec in cards.operating_point_figures(op):
-                            row[f"{where} sensitivity"] = cards.fmt(sens, ".2f")
-                            row[f"{where} specificity"] = cards.fmt(spec, ".2f")
-                        rows.append(row)
-                    st.table(pd.DataFrame(rows).set_index("operating point"))
-                    st.caption(f"Chosen on {points[0].get('computed_on', 'validation')}.")
+                operating_points_table(c)
 
+
+def operating_points_table(card: dict) -> None:
+    points = shared.operating_points(card)
+    if not points:
+        return
+    st.markdown("**Operating points**")
+    rows = []
+    for op in points:
+        row = {"operating point": op["name"], "threshold": cards.fmt(op["threshold"], ".2f")}
+        for where, sens, spec in cards.operating_point_figures(op):
+            row[f"{where} sensitivity"] = cards.fmt(sens, ".2f")
+            row[f"{where} specificity"] = cards.fmt(spec, ".2f")
+        rows.append(row)
+    st.table(pd.DataFrame(rows).set_index("operating point"))
+    st.caption(f"Chosen on {points[0].get('computed_on', 'validation')}.")
+
+
+def training_curves(data: list[Scored], dirs: dict[str, Path]) -> None:
     with st.expander("Training curves"):
         for n, c, _, _ in data:
             st.markdown(f"**{shared.plain(n)}**")
@@ -347,6 +380,8 @@ def main() -> None:
                 continue
             st.plotly_chart(plots.history_figure(rows), key=f"history_{n}")
 
+
+def test_images(data: list[Scored], threshold: float) -> None:
     st.subheader("Test images")
     n, c, t, _ = data[0]
     base = resolve_dataset(c, t)

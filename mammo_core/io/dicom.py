@@ -124,8 +124,6 @@ def _syntax_text(syntax: Any) -> str:
 
 def _check_header(ds: "Dataset", label: str) -> Any:
     """Validate everything knowable before the pixels are decoded; return the transfer syntax UID."""
-    from pydicom.pixels import get_decoder
-
     file_meta = getattr(ds, "file_meta", None)
     syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     if syntax is None:
@@ -133,6 +131,16 @@ def _check_header(ds: "Dataset", label: str) -> Any:
             f"{label}: DICOM header is damaged or incomplete (no Transfer Syntax UID in the file meta "
             "information)."
         )
+    _check_holds_image(ds, label)
+    _check_geometry(ds, label)
+    _check_photometric(ds, label)
+    if "PixelData" in ds:  # float pixel data is always native
+        _check_decoder(syntax, label)
+    return syntax
+
+
+def _check_holds_image(ds: "Dataset", label: str) -> None:
+    """Refuse a file whose elements could not be read, or that holds no pixel data (a report, a state)."""
     if len(ds) == 0:  # pydicom gives up silently on, e.g., a file cut inside compressed pixel data
         raise ImageReadError(f"{label}: DICOM file is damaged or truncated: no data elements could be read.")
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
@@ -142,6 +150,10 @@ def _check_header(ds: "Dataset", label: str) -> Any:
             f"{label}: DICOM file holds no image (no Pixel Data element); it may be a report, "
             "a presentation state or another non-image object. Export the mammogram image itself."
         )
+
+
+def _check_geometry(ds: "Dataset", label: str) -> None:
+    """One frame, valid Rows/Columns, and a size within the limits (before any pixel is decoded)."""
     frames = _int(ds.get("NumberOfFrames"), 1)
     if frames > 1:
         raise ImageReadError(
@@ -154,6 +166,10 @@ def _check_header(ds: "Dataset", label: str) -> Any:
         raise ImageReadError(f"{label}: DICOM header has no valid Rows/Columns, cannot read the image.")
     check_size(columns, rows, label)  # before any pixel is decoded: refuses bombs cheaply
 
+
+def _check_photometric(ds: "Dataset", label: str) -> None:
+    """Samples per pixel and photometric interpretation that agree; a grey image without the tag is read
+    as MONOCHROME2 (and marked so)."""
     samples = _int(ds.get("SamplesPerPixel"), 1)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if samples not in (1, 3):
@@ -174,21 +190,24 @@ def _check_header(ds: "Dataset", label: str) -> Any:
             f"interpretation '{photometric}'."
         )
 
-    if "PixelData" in ds:  # float pixel data is always native
-        try:
-            decoder = get_decoder(syntax)
-        except NotImplementedError:
-            raise ImageReadError(
-                f"{label}: DICOM transfer syntax {_syntax_text(syntax)} is not supported; re-export the "
-                "file uncompressed or as JPEG, JPEG lossless, JPEG 2000 or RLE."
-            ) from None
-        if not decoder.is_available:
-            missing = "; ".join(decoder.missing_dependencies) or "no plugin installed"
-            raise ImageReadError(
-                f"{label}: DICOM transfer syntax {_syntax_text(syntax)} needs a decoder that is not "
-                f"installed ({missing}); re-export the file uncompressed."
-            )
-    return syntax
+
+def _check_decoder(syntax: Any, label: str) -> None:
+    """A pydicom decoder for the transfer syntax, with its plugin installed."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise ImageReadError(
+            f"{label}: DICOM transfer syntax {_syntax_text(syntax)} is not supported; re-export the "
+            "file uncompressed or as JPEG, JPEG lossless, JPEG 2000 or RLE."
+        ) from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "no plugin installed"
+        raise ImageReadError(
+            f"{label}: DICOM transfer syntax {_syntax_text(syntax)} needs a decoder that is not "
+            f"installed ({missing}); re-export the file uncompressed."
+        )
 
 
 def _int(value: Any, default: int) -> int:

@@ -336,15 +336,38 @@ def _fit_feature_head(config: TrainConfig, frame: pd.DataFrame, parts: dict[str,
 
 def _train_into(config: TrainConfig, out: Path, root: Path, progress_path: Path | None,
                 on_progress: Callable[[dict], None] | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """Train into the staging folder `out`: split, fit, predictions, model.keras and the card. Returns the card."""
     from mammo_core.models.architectures import get_architecture
 
-    if get_architecture(config.architecture).strategy == "finetune":
+    arch = get_architecture(config.architecture)
+    if arch.strategy == "finetune":
         from mammo_core.store.files import dumps
         from mammo_core.training.ensemble import train_ensemble_into
 
         card = json.loads(dumps(train_ensemble_into(config, out, log)))
         write_card(out, card)
         return card
+    frame, parts = _split(config)
+    if arch.strategy == "features":
+        model, probs, fitted = _fit_feature_head(config, frame, parts, out, progress_path, on_progress, log)
+    else:
+        model, probs, fitted = _fit_on_images(config, arch, parts, out, progress_path, on_progress, log)
+    preds = {split: _predictions_table(parts[split], probs[split], Path(config.data_dir)) for split in ("val", "test")}
+    preds["test"].to_csv(out / PREDICTIONS_FILE, index=False)
+    preds["val"].to_csv(out / VAL_PREDICTIONS_FILE, index=False)
+    metrics = {s: compute_metrics(p["label"], p["probability"], threshold=DEFAULT_THRESHOLD) for s, p in preds.items()}
+    model.save(out / MODEL_FILE)
+    card = _card(config, arch, model, frame, fitted, metrics)
+    card["model_sha256"] = sha256_file(out / MODEL_FILE)
+    write_card(out, card)
+    m = metrics["test"]
+    log(f"test: accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, AUC {m['auc']:.4f}")
+    return card
+
+
+def _split(config: TrainConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """The dataset index with its `split` column, and its train/val/test parts; DatasetError when a part
+    lacks a class."""
     data_root = Path(config.data_dir)
     frame = scan_dataset(data_root, patient_map=config.patient_map)
     frame = splits.assign_split(frame, protocol=config.protocol, seed=config.seed, group_by=config.group_by)
@@ -352,23 +375,17 @@ def _train_into(config: TrainConfig, out: Path, root: Path, progress_path: Path 
     for s, part in parts.items():
         if part["label"].nunique() < 2:
             raise DatasetError(f"{data_root}: the {s} split has only one class; it needs both benign and malignant images.")
-    arch = get_architecture(config.architecture)
-    if arch.strategy == "features":
-        model, probs, fitted = _fit_feature_head(config, frame, parts, out, progress_path, on_progress, log)
-    else:
-        model, probs, fitted = _fit_on_images(config, arch, parts, out, progress_path, on_progress, log)
+    return frame, parts
+
+
+def _card(config: TrainConfig, arch: Any, model: Any, frame: pd.DataFrame, fitted: dict[str, Any],
+          metrics: dict[str, Any]) -> dict[str, Any]:
+    """The trained model's card (without `model_sha256`): split, training facts, evaluation note, metrics."""
     progress, steps, fit_seconds, trained_images = (fitted[k] for k in ("progress_rows", "steps", "fit_seconds",
                                                                           "trained_images"))
-
-    preds = {split: _predictions_table(parts[split], probs[split], data_root) for split in ("val", "test")}
-    preds["test"].to_csv(out / PREDICTIONS_FILE, index=False)
-    preds["val"].to_csv(out / VAL_PREDICTIONS_FILE, index=False)
-    metrics = {s: compute_metrics(p["label"], p["probability"], threshold=DEFAULT_THRESHOLD) for s, p in preds.items()}
-
-    model.save(out / MODEL_FILE)
     unit = "source image" if config.group_by == "source" else "patient"
     note = PAPER_SPLIT_NOTE if config.protocol == "paper" else GROUPED_SPLIT_NOTE.format(unit=unit)
-    card: dict[str, Any] = {
+    return {
         **card_head(config, model, frame),
         "split": {"protocol": config.protocol, "group_by": config.group_by if config.protocol == "grouped" else None,
                   "seed": config.seed, **_split_summary(frame)},
@@ -388,8 +405,3 @@ def _train_into(config: TrainConfig, out: Path, root: Path, progress_path: Path 
         "metrics": metrics,
         "config": asdict(config),
     }
-    card["model_sha256"] = sha256_file(out / MODEL_FILE)
-    write_card(out, card)
-    m = metrics["test"]
-    log(f"test: accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, AUC {m['auc']:.4f}")
-    return card
