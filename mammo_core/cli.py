@@ -466,15 +466,25 @@ STRATEGY_HELP = ("tf.distribute (image-trained architectures): none (default); a
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mammo_core.data.splits import GROUP_BY, PROTOCOLS
-    from mammo_core.io.preprocessing import PREPROCESSING_ID, PREPROCESSINGS
-    from mammo_core.models.architectures import ARCHITECTURES
-    from mammo_core.training.distribute import STRATEGIES
-
+    """The parser of `python -m mammo_core`: global options and one subcommand per job."""
     parser = argparse.ArgumentParser(prog="python -m mammo_core",
                                      description="Mammogram benign/malignant CNN: train, evaluate, predict. A research tool, not a diagnostic device.")
     parser.add_argument("--weights", type=Path, default=None, help="models folder (default: the repository's weights/, or $MAMMO_WEIGHTS_DIR)")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_cv, _add_breast_level, _add_calibrate, _add_evaluate, _add_predict, _add_models):
+        add(sub)
+
+    from mammo_core.pacs.cli import add_pacs_parser
+
+    add_pacs_parser(sub)  # pacs {echo,score,listen}: the PACS round trip (mammo_core/pacs)
+    return parser
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from mammo_core.data.splits import GROUP_BY, PROTOCOLS
+    from mammo_core.io.preprocessing import PREPROCESSINGS
+    from mammo_core.models.architectures import ARCHITECTURES
+    from mammo_core.training.distribute import STRATEGIES
 
     p = sub.add_parser("train", help="train a model and write a model directory under weights/")
     p.add_argument("--data", type=Path, default=None, help="dataset folder (default: $MAMMO_DATA_DIR)")
@@ -497,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="then fit temperature scaling and operating points on the validation split")
     p.add_argument("--strategy", default="none", choices=STRATEGIES, help=STRATEGY_HELP)
     p.set_defaults(func=cmd_train)
+
+
+def _add_cv(sub: argparse._SubParsersAction) -> None:
+    from mammo_core.data.splits import GROUP_BY
+    from mammo_core.io.preprocessing import PREPROCESSING_ID, PREPROCESSINGS
+    from mammo_core.models.architectures import ARCHITECTURES
+    from mammo_core.training.distribute import STRATEGIES
 
     p = sub.add_parser("cv", help="k-fold cross-validation grouped by source image or patient, with cluster-bootstrap CIs")
     p.add_argument("--data", type=Path, default=None, help="dataset folder (default: $MAMMO_DATA_DIR)")
@@ -522,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="none", choices=STRATEGIES, help=STRATEGY_HELP)
     p.set_defaults(func=cmd_cv)
 
+
+def _add_breast_level(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("breast-level", help="breast- and exam-level AUC (max/mean of the views) from a patient-grouped CV's out-of-fold table")
     p.add_argument("--model", default=None, help="model name or directory (default: the active model)")
     p.add_argument("--oof", required=True, type=Path, help="oof_predictions.csv of `cv --group-by patient` for this model's recipe")
@@ -535,11 +554,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_breast_level)
 
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="fit temperature scaling and operating points on a model's validation predictions")
     p.add_argument("--model", default=None, help="model name or directory (default: the active model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="Table 1 metrics of a model, from its recorded test predictions or by re-scoring a split")
     p.add_argument("--model", default=None, help="model name or directory (default: the active model)")
     p.add_argument("--data", type=Path, default=None, help="re-score this dataset's split instead of reading test_predictions.csv")
@@ -548,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score images or folders; one line per input")
     p.add_argument("paths", nargs="+", help="image files (PNG, JPEG, TIFF, BMP, DICOM) or folders")
     p.add_argument("--model", default=None, help="model name or directory (default: the active model)")
@@ -567,14 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record every scored file in the audit log ($MAMMO_AUDIT_URL / $MAMMO_AUDIT_DB), like the app")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the models in weights/")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
-
-    from mammo_core.pacs.cli import add_pacs_parser
-
-    add_pacs_parser(sub)  # pacs {echo,score,listen}: the PACS round trip (mammo_core/pacs)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
