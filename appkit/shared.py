@@ -96,6 +96,7 @@ def setup(page: str = "Home", *, admin_only: bool = False) -> auth.User:
     st.set_page_config(page_title=f"{page} · {APP_TITLE}" if page != "Home" else APP_TITLE, page_icon=str(ICON),
                        layout="wide", initial_sidebar_state="auto")
     keep_keras_state_between_reruns()
+    release_ended_sessions()
     st.html(CSS)
     user = sign_in()
     navigation(user)
@@ -278,6 +279,39 @@ def release_freed_memory() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         pass
+
+
+def release_ended_sessions() -> int:
+    """Shut down the sessions Streamlit has given up on, freeing their uploads and results; returns how many.
+
+    A browser that goes away leaves its session in Streamlit's storage for reconnection
+    (`server.disconnectedSessionTTL`, 120 s). When that expires, Streamlit 1.67 drops the entry without
+    `AppSession.shutdown()`, so the session's uploaded files stay in the uploaded-file manager for the
+    life of the server (and the session with its state until the storage is next written). Called
+    from every page run: the sessions past their TTL are shut down here, then the freed heap is
+    returned. Private Streamlit API (the version is pinned): a changed Streamlit makes this a no-op.
+    """
+    import gc
+
+    from streamlit import runtime
+
+    if not runtime.exists():
+        return 0
+    manager = getattr(runtime.get_instance(), "_session_mgr", None)
+    cache = getattr(getattr(manager, "_session_storage", None), "_cache", None)
+    lock = getattr(manager, "_storage_lock", None)
+    if lock is None or not callable(getattr(cache, "expire", None)):
+        return 0
+    with lock:
+        expired = cache.expire()
+    for _, info in expired:
+        info.session.shutdown()
+    count = len(expired)
+    if count:
+        del expired, info  # the last references to those sessions and their state
+        gc.collect()
+        release_freed_memory()
+    return count
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)

@@ -61,3 +61,75 @@ def test_model_load_returns_freed_heap_to_the_os(monkeypatch, fresh_model_cache)
     assert calls == [0]
     assert gc.get_freeze_count() > 0
 
+
+class _FakeSession:
+    def __init__(self, sid: str) -> None:
+        self.id, self.shut_down = sid, False
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+
+def _fake_runtime(monkeypatch, clock: list[float]):
+    """A Streamlit runtime whose session manager holds a real MemorySessionStorage (the class the server
+    uses, with its default 120 s TTL) on a clock the test moves (`clock[0]`, seconds)."""
+    import threading
+    import types
+
+    from streamlit import runtime
+    from streamlit.runtime.memory_session_storage import MemorySessionStorage
+
+    storage = MemorySessionStorage()
+    storage._cache._timer = lambda: clock[0]
+    manager = types.SimpleNamespace(_session_storage=storage, _storage_lock=threading.Lock())
+    monkeypatch.setattr(runtime, "exists", lambda: True)
+    monkeypatch.setattr(runtime, "get_instance", lambda: types.SimpleNamespace(_session_mgr=manager))
+    return storage
+
+
+def test_streamlit_drops_expired_sessions_without_shutting_them_down(monkeypatch):
+    """The Streamlit behaviour the app works around: a disconnected session past its TTL is dropped from
+    the storage without AppSession.shutdown(), which is what frees its uploaded files. If this fails,
+    Streamlit now shuts them down itself and `release_ended_sessions` may be obsolete."""
+    from streamlit.runtime.session_manager import SessionInfo
+
+    clock = [0.0]
+    storage = _fake_runtime(monkeypatch, clock)
+    old = _FakeSession("closed-browser")
+    storage.save(SessionInfo(client=None, session=old, script_run_count=1))
+    clock[0] = 121.0
+    storage.save(SessionInfo(client=None, session=_FakeSession("later-visitor"), script_run_count=1))  # reaps `old`
+    assert storage.get("closed-browser") is None
+    assert not old.shut_down
+
+
+def test_page_runs_shut_down_sessions_past_their_ttl(monkeypatch):
+    from streamlit.runtime.session_manager import SessionInfo
+
+    from appkit import shared
+
+    clock = [0.0]
+    storage = _fake_runtime(monkeypatch, clock)
+    gone = [_FakeSession(f"closed-{i}") for i in range(3)]
+    for session in gone:
+        storage.save(SessionInfo(client=None, session=session, script_run_count=1))
+    assert shared.release_ended_sessions() == 0  # still within the TTL: kept for reconnection
+    clock[0] = 121.0
+    assert shared.release_ended_sessions() == 3
+    assert all(s.shut_down for s in gone)
+    assert shared.release_ended_sessions() == 0  # each only once
+
+
+def test_sessions_within_their_ttl_are_kept_for_reconnection(monkeypatch):
+    from streamlit.runtime.session_manager import SessionInfo
+
+    from appkit import shared
+
+    clock = [0.0]
+    storage = _fake_runtime(monkeypatch, clock)
+    clock[0] = 60.0
+    waiting = _FakeSession("network-blip")
+    storage.save(SessionInfo(client=None, session=waiting, script_run_count=1))
+    clock[0] = 179.0
+    assert shared.release_ended_sessions() == 0
+    assert not waiting.shut_down and storage.get("network-blip") is not None
