@@ -133,3 +133,21 @@ def test_sessions_within_their_ttl_are_kept_for_reconnection(monkeypatch):
     clock[0] = 179.0
     assert shared.release_ended_sessions() == 0
     assert not waiting.shut_down and storage.get("network-blip") is not None
+
+
+def test_bench_png_variant_changes_the_bytes_not_the_pixels(tmp_path):
+    """bench.app_load varies one large PNG per upload without re-encoding it: another sha256 (so no cache
+    answers), the same decoded pixels, and a breast-like shape the app accepts as a mammogram."""
+    import hashlib
+
+    import numpy as np
+
+    from bench.app_load import breast_like_png, png_variant
+    from mammo_core.imaging import load_image
+
+    base = breast_like_png(tmp_path / "base.png", width=400, height=500).read_bytes()
+    one, two = png_variant(base, 1), png_variant(base, 2)
+    assert len({hashlib.sha256(b).hexdigest() for b in (base, one, two)}) == 3
+    pixels = load_image(base, name="base.png").pixels
+    assert np.array_equal(load_image(two, name="two.png").pixels, pixels)
+    assert pixels.shape == (500, 400) and pixels[:, :40].mean() > 100 and pixels[:, -20:].max() == 0
