@@ -46,6 +46,7 @@ def score_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[str
                 cache[key] = shared.for_session(pred)  # display-size pixels only in session state
         if bar is not None:
             bar.empty()
+        shared.release_freed_memory()  # the decoded full-size pixels were just dropped (for_session)
     current = set(keys)
     for key in list(cache):
         if len(cache) <= CACHE_LIMIT:
