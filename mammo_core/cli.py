@@ -344,9 +344,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 _save_overlay(pred, outdir)
             if inputs_dir is not None:
                 _save_input(pred, inputs_dir)
-        outputs.add(pred.to_json(predictor.name), pred.sha256)
+        row = pred.to_json(predictor.name)
+        outputs.add(row, pred.sha256)
         if args.json:
-            print(json.dumps(pred.to_json(predictor.name)), flush=True)
+            print(json.dumps(row), flush=True)
         elif pred.error is not None:
             print(f"{pred.name}\terror: {pred.error}", flush=True)
         else:

@@ -173,3 +173,56 @@ def test_decoding_threads_do_not_change_results(tmp_path, ens):
     assert [p.name for p in runs[0]] == [p.name for p in runs[1]] == [name for _, name in items]
     assert runs[0][-1].error and runs[1][-1].error
     np.testing.assert_allclose([p.probability for p in runs[0][:-1]], [p.probability for p in runs[1][:-1]], atol=1e-6)
+
+
+def test_decoding_overlapped_with_the_model_equals_the_sequential_path(ens):
+    """score_many prepares the next batch in threads while the model runs; its rows must be exactly those of
+    preparing every input first and scoring the same batches one after the other."""
+    from mammo_core.predict import Predictor
+    from tests.factories import png_bytes, synthetic_mammogram
+
+    model, card = ens
+    predictor = Predictor(model, {**card, "name": "tiny-ens", "input_pipeline": "breast-crop-v1",
+                                  "ood": {"threshold": 1e9}})
+    items = [(png_bytes(synthetic_mammogram(s, malignant=bool(s % 2))), f"{s}.png") for s in range(9)]
+    items[2] = (b"not an image", "bad-2.png")
+    items.append((b"", "bad-tail.png"))
+    done: list[int] = []
+    overlapped = list(predictor.score_many(items, with_cam=True, batch_size=3, keep_images=False, progress=done.append))
+
+    prepared = [predictor.prepare_one(source, name) for source, name in items]
+    good = [p for p in prepared if p.error is None]
+    for start in range(0, len(good), 3):  # batches of 3 readable inputs, as score_many forms them
+        predictor.score_prepared(good[start:start + 3], with_cam=True)
+    assert [p.name for p in overlapped] == [name for _, name in items]
+    assert [p.error is not None for p in overlapped] == [p.error is not None for p in prepared]
+    for ours, ref in zip(overlapped, prepared):
+        assert ours.probability == ref.probability and ours.probability_interval == ref.probability_interval
+        if ref.error is None:
+            np.testing.assert_array_equal(ours.heatmap, ref.heatmap)
+            np.testing.assert_array_equal(ours.model_input, ref.model_input)
+    assert done == sorted(done) and done[-1] == len(items)
+
+
+def test_decoding_runs_at_most_two_batches_ahead(ens, monkeypatch):
+    """Memory stays bounded on a large folder: taking the first row has decoded at most the first batch and
+    the two after it, not the whole input."""
+    from mammo_core.predict import Predictor
+    from tests.factories import png_bytes, synthetic_mammogram
+
+    model, card = ens
+    predictor = Predictor(model, {**card, "name": "tiny-ens", "input_pipeline": "breast-crop-v1"})
+    blob = png_bytes(synthetic_mammogram(0, malignant=False))
+    loads = []
+    original = Predictor._load
+
+    def counting(self, source, name):
+        loads.append(name)
+        return original(self, source, name)
+
+    monkeypatch.setattr(Predictor, "_load", counting)
+    rows = predictor.score_many([(blob, str(i)) for i in range(40)], with_cam=False, batch_size=2)
+    first = next(rows)
+    assert first.name == "0" and first.error is None
+    assert len(loads) <= 3 * 2 + 1  # the batch, two batches of look-ahead, one refill
+    rows.close()
