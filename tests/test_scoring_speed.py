@@ -178,7 +178,7 @@ def test_decoding_threads_do_not_change_results(tmp_path, ens):
 def test_decoding_overlapped_with_the_model_equals_the_sequential_path(ens):
     """score_many prepares the next batch in threads while the model runs; its rows must be exactly those of
     preparing every input first and scoring the same batches one after the other."""
-    from mammo_core.predict import Predictor
+    from mammo_core.inference.predict import Predictor
     from tests.factories import png_bytes, synthetic_mammogram
 
     model, card = ens
@@ -207,7 +207,7 @@ def test_decoding_overlapped_with_the_model_equals_the_sequential_path(ens):
 def test_decoding_runs_at_most_two_batches_ahead(ens, monkeypatch):
     """Memory stays bounded on a large folder: taking the first row has decoded at most the first batch and
     the two after it, not the whole input."""
-    from mammo_core.predict import Predictor
+    from mammo_core.inference.predict import Predictor
     from tests.factories import png_bytes, synthetic_mammogram
 
     model, card = ens

@@ -1,6 +1,6 @@
 """Score images with a trained model: probability of malignancy, decision and Grad-CAM, singly or in batches.
 
-`Predictor` is what the CLI and the app use. It decodes every input with `mammo_core.imaging`
+`Predictor` is what the CLI and the app use. It decodes every input with `mammo_core.io.images`
 (the same path as training), and gets the probability and the Grad-CAM heatmap from one compiled
 call (`explain.GradCAM`). Unreadable inputs become results with an `error` instead of raising,
 so one bad file never stops a batch.
