@@ -65,6 +65,12 @@ def install() -> None:
     _timed(st, "plotly_chart", "st.plotly_chart (serialise, send)", _figure_facts)
     for name in ("record", "recent", "to_csv"):
         _timed(audit.AuditLog, name, f"audit log {name}")
+    try:
+        from appkit import shared
+    except ImportError:  # run outside the repository root
+        return
+    _timed(shared, "setup", "page setup (config, sign-in, navigation, sidebar)")
+    _timed(shared, "release_freed_memory", "release freed memory (gc / malloc_trim)")
 
 
 def main() -> None:
