@@ -655,11 +655,17 @@ def cli_profile_lines(results: dict) -> list[str]:
 def app_trace_lines(r: dict | None) -> list[str]:
     if not r or "pieces" not in r:
         return []
-    lines = ["", "Where a warm upload's time goes (`--only apptrace`: the server started through `bench.app_trace`, "
-             f"median of {len(r['upload_warm_all_s'])} uploads; pieces overlap where noted):", "",
-             "| piece | seconds |", "|---|---|"]
+    one = r["pieces"].get("median upload") or {}
+    lines = ["", "Where a warm upload's time goes (`--only apptrace`: the server started through `bench.app_trace`; "
+             f"the upload with the median total of {len(r['upload_warm_all_s'])}, and the median of each piece; "
+             "server pieces are parts of the script run):", "",
+             "| piece | median upload (s) | median of the piece (s) |", "|---|---|---|"]
     for k, v in r["pieces"].items():
-        lines.append(f"| {k} | {v:,.0f} |" if "bytes" in k or "runs" in k else f"| {k} | {v:.3f} |")
+        if k == "median upload":
+            continue
+        whole = k.endswith("(bytes)") or k == "script runs in this span"
+        cell = (lambda x: f"{x:,.0f}") if whole else (lambda x: f"{x:.3f}")
+        lines.append(f"| {k} | {cell(one.get(k, 0.0))} | {cell(v)} |")
     return lines
 
 
