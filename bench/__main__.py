@@ -216,6 +216,22 @@ def bench_cli(model: str, data: Path) -> dict:
                                                           Path(model).name, "--json"])}
 
 
+def bench_cli_profile(data: Path) -> dict:
+    """`bench.cli_profile` on the test folder in a fresh process (start-up pieces, steady-state pieces,
+    pipelines interleaved), with the process's wall time from start to exit."""
+    cmd = [sys.executable, "-m", "bench.cli_profile", str(data / "test")]
+    t = time.perf_counter()
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t
+    if out.returncode != 0:
+        raise RuntimeError(f"cli_profile failed: {out.stderr[-2000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["process_wall_s"] = wall
+    # the interpreter's own start (before bench.cli_profile's first line) and its exit
+    result["startup"] = {"Python start and exit": wall - result["inside_s"], **result["startup"]}
+    return result
+
+
 def bench_finetune(steps: int) -> dict:
     from bench.finetune import measure
 
@@ -318,7 +334,7 @@ def bench_folder(predictor, files: list[Path], n_base: int) -> dict:
 
     for f in files:  # page cache warm for every contender: we measure scoring, not the disk
         f.read_bytes()
-    list(score_paths(predictor, files[:128], with_cam=False, keep_images=False, batch_size=64))  # warm, through tf.data
+    list(score_paths(predictor, files[:128], with_cam=False, keep_images=False, batch_size=64))  # warm: traced and frozen
     t = time.perf_counter()
     results = list(score_paths(predictor, files, with_cam=False, keep_images=False, batch_size=64))
     ours = len(results) / (time.perf_counter() - t)
@@ -449,10 +465,10 @@ def _run_part(part: str, *, data: Path, extra: list[str], env: dict[str, str] | 
 # --- 4. app --------------------------------------------------------------------------------------
 
 
-def bench_app(sample: Path, model: str | None = None) -> dict:
+def bench_app(sample: Path, model: str | None = None, trace: bool = False) -> dict:
     from bench.app import measure_app
 
-    return measure_app(sample, model=model)
+    return measure_app(sample, model=model, trace=trace)
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -608,12 +624,60 @@ def report(results: dict, command: str, machine_desc: str, default_name: str) ->
                   f"{d['prepare_ms']:.1f} ms per image on one thread):", "",
                   "| setting | images/s |", "|---|---|"]
         extra += [f"| {k} | {v:.0f} |" for k, v in d["images_per_s"].items()]
+    extra += cli_profile_lines(results)
+    extra += app_trace_lines(results.get("apptrace"))
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([f"Measured {stamp} on {machine_desc}.", "", f"Default (active) model: `{default_name}`; "
                       f"paper-cnn = `{PAPER_MODEL}`.", "", f"Command: `{command}`", "", *rows, "", *notes, *extra])
 
 
-PARTS = ("peak", "options", "profile", "onednn", "latency", "folder", "cli", "decode", "finetune", "training", "app")
+def cli_profile_lines(results: dict) -> list[str]:
+    """The `cliprofile` part as a table: each piece's seconds, its share of the end-to-end run, and for
+    the model call the fraction of the float32 peak."""
+    c = results.get("cliprofile")
+    if not c:
+        return []
+    peak = (results.get("peak") or {}).get("float32")
+    flops = (results.get("folder:default") or results.get("latency:default") or {}).get("flops")
+    best = max(c["pipelines"].values(), key=lambda r: r["images_per_s"])
+    total = c["startup_s"] + c["startup"]["Python start and exit"] + best["wall_s"]
+    n = c["n"]
+    lines = ["", f"Where `mammo_core predict` spends its time on the {n:,} test images (`bench.cli_profile`, one "
+             f"fresh process; end to end = start-up + the best pipeline = {total:.1f} s, {n / total:.0f} images/s):", "",
+             "| piece | seconds | share of end to end | of float32 peak |", "|---|---|---|---|"]
+    for name, sec in c["startup"].items():
+        lines.append(f"| start-up: {name} | {sec:.2f} | {sec / total:.0%} | |")
+    for name, r in c["steady"].items():
+        pk = (f"{r['images_per_s'] * flops / peak / 1e9:.0%}" if peak and flops and name.startswith("model") else "")
+        lines.append(f"| alone: {name} | {r['wall_s']:.2f} (user {r['user_s']:.1f}, sys {r['sys_s']:.1f}) | "
+                     f"{r['wall_s'] / total:.0%} | {pk} |")
+    for name, r in c["pipelines"].items():
+        pk = f"{r['images_per_s'] * flops / peak / 1e9:.0%}" if peak and flops else ""
+        lines.append(f"| folder: {name}, {r['images_per_s']:.0f} images/s (rounds {r['all_images_per_s']}) | "
+                     f"{r['wall_s']:.2f} (user {r['user_s']:.1f}, sys {r['sys_s']:.1f}, {r['page_faults_per_image']:.0f} "
+                     f"page faults per image) | {r['wall_s'] / total:.0%} | {pk} |")
+    return lines
+
+
+def app_trace_lines(r: dict | None) -> list[str]:
+    if not r or "pieces" not in r:
+        return []
+    one = r["pieces"].get("median upload") or {}
+    lines = ["", "Where a warm upload's time goes (`--only apptrace`: the server started through `bench.app_trace`; "
+             f"the upload with the median total of {len(r['upload_warm_all_s'])}, and the median of each piece; "
+             "server pieces are parts of the script run):", "",
+             "| piece | median upload (s) | median of the piece (s) |", "|---|---|---|"]
+    for k, v in r["pieces"].items():
+        if k == "median upload":
+            continue
+        whole = k.endswith("(bytes)") or k == "script runs in this span"
+        cell = (lambda x: f"{x:,.0f}") if whole else (lambda x: f"{x:.3f}")
+        lines.append(f"| {k} | {cell(one.get(k, 0.0))} | {cell(v)} |")
+    return lines
+
+
+PARTS = ("peak", "options", "profile", "onednn", "latency", "folder", "cli", "cliprofile", "decode", "finetune",
+         "training", "app", "apptrace")
 
 
 def run_part(part: str, args: argparse.Namespace) -> dict | None:
@@ -626,11 +690,13 @@ def run_part(part: str, args: argparse.Namespace) -> dict | None:
         return bench_finetune(args.finetune_steps)
     if part.startswith("cli:"):
         return bench_cli(PAPER_MODEL if part == "cli:paper" else args.model, args.data)
+    if part == "cliprofile":
+        return bench_cli_profile(args.data)
     files = test_files(args.data, max(args.folder_images, args.latency_runs))
-    if part == "app":
+    if part in ("app", "apptrace"):
         from mammo_core.store.registry import resolve_model_dir
 
-        return bench_app(files[0], resolve_model_dir(args.model).name)
+        return bench_app(files[0], resolve_model_dir(args.model).name, trace=part == "apptrace")
     name, _, role = part.partition(":")
     predictor = load_role(role or "default", args.model)
     if predictor is None:

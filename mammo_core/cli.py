@@ -306,8 +306,13 @@ def _rescore_split(model_dir: Path, card: dict, dataset: Path, split: str):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
     from mammo_core.data.datasets import expand_inputs
-    from mammo_core.inference.predict import Predictor, score_paths
+    from mammo_core.inference.predict import Predictor, decode_ahead, score_paths
+    from mammo_core.io.preprocessing import card_preprocessing
+    from mammo_core.store.card import read_card
+    from mammo_core.store.registry import resolve_model_dir
 
     paths = expand_inputs(args.paths)
     if not paths:
@@ -315,9 +320,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return EXIT_REJECTED
     if args.engine == "ray":
         return _predict_ray(args, paths)
-    predictor = Predictor.load(args.model, root=args.weights)
-    outputs = _PredictOutputs(args, predictor.name, predictor.model_sha256)
     outdir = Path(args.gradcam) if args.gradcam else None
+    early = ThreadPoolExecutor(max_workers=1)  # decodes the first inputs while the model loads
+    try:
+        early_card = read_card(resolve_model_dir(args.model, root=args.weights))
+        started = decode_ahead(early_card, paths, early, keep_images=outdir is not None,
+                               limit=1024 if outdir is None else 2 * args.batch_size)
+    except MammoError:  # a bad model directory: Predictor.load says why, as before
+        early_card, started = {}, []
+    try:
+        predictor = Predictor.load(args.model, root=args.weights)
+    except BaseException:
+        early.shutdown(wait=False, cancel_futures=True)
+        raise
+    if started and card_preprocessing(early_card) != predictor.preprocessing:  # the card changed meanwhile
+        early.shutdown(wait=True, cancel_futures=True)
+        started = []
+    outputs = _PredictOutputs(args, predictor.name, predictor.model_sha256)
     inputs_dir = Path(args.save_inputs) if args.save_inputs else None
     for folder in (outdir, inputs_dir):
         if folder is not None:
@@ -336,7 +355,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             last[0] = n
 
     for pred in score_paths(predictor, paths, with_cam=outdir is not None, keep_images=outdir is not None,
-                            batch_size=args.batch_size, progress=progress):
+                            batch_size=args.batch_size, progress=progress, started=started):
         if pred.error is not None:
             rejected += 1
         else:
@@ -357,6 +376,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{pred.name}\t{pred.probability:.4f}{interval}\t{pred.label}{flags}", flush=True)
     if bar is not None:
         bar.close()
+    early.shutdown()
     outputs.close()
     return EXIT_REJECTED if rejected else EXIT_OK
 

@@ -151,3 +151,38 @@ def test_bench_png_variant_changes_the_bytes_not_the_pixels(tmp_path):
     pixels = load_image(base, name="base.png").pixels
     assert np.array_equal(load_image(two, name="two.png").pixels, pixels)
     assert pixels.shape == (500, 400) and pixels[:, :40].mean() > 100 and pixels[:, -20:].max() == 0
+
+
+def test_review_returns_the_heap_after_the_run_that_scored(app_env, tiny_weights, sample_png, monkeypatch,  # noqa: F811
+                                                            fresh_model_cache):
+    """The heap is trimmed once the run that scored an upload has drawn its figure (the full-size decode,
+    the overlay and the figure are all garbage by then), and not on runs that score nothing."""
+    import ctypes
+
+    from appkit import plots
+
+    events = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            events.append("trim")
+            return 1
+
+    figure = plots.image_triplet_figure
+
+    def recording_figure(*args, **kwargs):
+        events.append("figure")
+        return figure(*args, **kwargs)
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: FakeLibc())
+    monkeypatch.setattr(plots, "image_triplet_figure", recording_figure)
+    app_env(tiny_weights)
+    at = start("review")
+    events.clear()  # the model load trims too
+    at.file_uploader[0].set_value([("scan.png", sample_png, "image/png")]).run()
+    no_exception(at)
+    assert events == ["figure", "trim"]
+    events.clear()
+    at.slider[0].set_value(0.3).run()  # a rerun that scores nothing
+    no_exception(at)
+    assert events == ["figure"]

@@ -111,3 +111,40 @@ def test_profile_pieces_cover_the_scoring_call(tmp_path):
     assert pieces["members forward"]["flops"] + trunk == scoring.flops_per_image(predictor.model)["total"]
     assert all(row["b1_ms_per_image"] > 0 and row["b32_ms_per_image"] > 0 for row in pieces.values())
     assert out["prepare_ms"] > 0
+
+
+def test_cli_profile_rows_give_seconds_share_and_fraction_of_peak():
+    from bench.__main__ import cli_profile_lines
+
+    row = {"wall_s": 2.0, "user_s": 3.0, "sys_s": 0.5, "images_per_s": 100.0, "page_faults_per_image": 12.0}
+    results = {"peak": {"float32": 400.0}, "folder:default": {"flops": 2e9},
+               "cliprofile": {"n": 200, "startup": {"Python start and exit": 1.0, "import TensorFlow and Keras": 3.0},
+                              "startup_s": 3.0, "steady": {"model call alone, batches of 32 (both cores)": row},
+                              "pipelines": {"new": {**row, "all_images_per_s": [100.0]},
+                                            "old": {**row, "wall_s": 4.0, "images_per_s": 50.0, "all_images_per_s": [50.0]}}}}
+    text = "\n".join(cli_profile_lines(results))
+    # end to end = 1 + 3 + 2 s (the best pipeline); the model alone at 100 images/s x 2 GFLOP = 50 % of 400
+    assert "= 6.0 s" in text and "| start-up: import TensorFlow and Keras | 3.00 | 50% | |" in text
+    assert "| alone: model call alone, batches of 32 (both cores) | 2.00 (user 3.0, sys 0.5) | 33% | 50% |" in text
+    assert "old, 50 images/s" in text and cli_profile_lines({}) == []
+
+
+def test_app_trace_pieces_split_one_upload(tmp_path):
+    import json
+
+    from bench.app import _pieces
+
+    trace = tmp_path / "trace.jsonl"
+    rows = [{"piece": "script run (whole page)", "t": 100.2, "s": 0.2},
+            {"piece": "model call + Grad-CAM", "t": 100.25, "s": 0.05},
+            {"piece": "st.plotly_chart (serialise, send)", "t": 100.3, "s": 0.01, "json_bytes": 1234},
+            {"piece": "model call + Grad-CAM", "t": 200.0, "s": 9.0}]  # another upload's
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    marks = [{"start": 100.0, "uploaded": 100.1, "metric": 100.35, "plot": 100.5, "end": 100.6}]
+    got = _pieces(trace, marks)
+    assert got["model call + Grad-CAM"] == pytest.approx(0.05)
+    assert got["Plotly figure JSON (bytes)"] == 1234 and got["script runs in this span"] == 1
+    assert got["browser: file sent (HTTP upload finished)"] == pytest.approx(0.1)
+    assert got["browser and websocket: total - upload - script runs"] == pytest.approx(0.6 - 0.1 - 0.2)
+    assert got["browser: Plotly figure present to app idle (status widget gone)"] == pytest.approx(0.1)
+    assert got["median upload"]["model call + Grad-CAM"] == pytest.approx(0.05)

@@ -226,3 +226,31 @@ def test_decoding_runs_at_most_two_batches_ahead(ens, monkeypatch):
     assert first.name == "0" and first.error is None
     assert len(loads) <= 3 * 2 + 1  # the batch, two batches of look-ahead, one refill
     rows.close()
+
+
+def test_inputs_decoded_before_the_model_loads_give_the_same_rows(ens, tmp_path):
+    """The CLI starts preparing the first inputs (`decode_ahead`, from the card alone) while the model
+    loads; scoring them through `score_many(started=...)` must give exactly the rows of a plain run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mammo_core.inference.predict import Predictor, decode_ahead, score_paths
+    from tests.factories import png_bytes, synthetic_mammogram
+
+    model, card = ens
+    card = {**card, "name": "tiny-ens", "input_pipeline": "breast-crop-v1", "ood": {"threshold": 1e9}}
+    paths = []
+    for s in range(7):
+        path = tmp_path / f"{s}.png"
+        path.write_bytes(png_bytes(synthetic_mammogram(s, malignant=bool(s % 2))) if s != 3 else b"junk")
+        paths.append(path)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        started = decode_ahead(card, paths, pool, limit=4)
+        assert len(started) == 4
+        predictor = Predictor(model, card)
+        early = list(score_paths(predictor, paths, with_cam=False, keep_images=False, batch_size=2, started=started))
+    assert all(f.result().image is None for f in started)  # decoded originals dropped at once
+    plain = list(score_paths(predictor, paths, with_cam=False, keep_images=False, batch_size=2))
+    assert [p.name for p in early] == [p.name for p in plain] == [str(p) for p in paths]
+    assert [p.error is not None for p in early] == [p.error is not None for p in plain] == [s == 3 for s in range(7)]
+    assert [p.probability for p in early] == [p.probability for p in plain]
+    assert [p.sha256 for p in early] == [p.sha256 for p in plain]

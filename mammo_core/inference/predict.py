@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -216,6 +216,7 @@ class Predictor:
         keep_images: bool = True,
         progress: Callable[[int], None] | None = None,
         workers: int = DECODE_WORKERS,
+        started: Sequence[Future] | None = None,
     ) -> Iterator[Prediction]:
         """Score (source, name) pairs in batches; yields one Prediction per input, in input order.
 
@@ -224,18 +225,19 @@ class Predictor:
         the GIL while it computes). Batches hold `batch_size` readable inputs, in input order. Inputs that
         fit in one batch (the app's usual upload) are prepared and scored at once. Unreadable inputs are
         yielded with `error` set. `progress(n)` is called after each batch with the number of inputs done.
-        (Until issue 18 a tf.data pipeline did the batching; on 2 cores it cost about 4 ms of system time
+        `started`: futures of the first inputs' Predictions already being prepared (`decode_ahead`, which
+        the CLI starts before the model is loaded). (Until issue 18 a tf.data pipeline did the batching; on 2 cores it cost about 4 ms of system time
         per image in page faults, and it is not needed to overlap decoding with the model.)
         """
         items = list(items)
         if not items:
             return
-        if len(items) <= batch_size:
+        if len(items) <= batch_size and not started:
             yield from self._score_one_batch(items, with_cam=with_cam, keep_images=keep_images, progress=progress,
                                              workers=workers)
             return
-        todo = iter(items)
-        loading: deque = deque()  # futures of decoded inputs, in input order
+        loading: deque = deque(started or ())  # futures of decoded inputs, in input order
+        todo = iter(items[len(loading):])
         waiting: deque[Prediction] = deque()  # decoded, not yet yielded (the current batch and its failures)
         batch: list[Prediction] = []
         emitted = 0
@@ -378,6 +380,26 @@ def _decode(source: Source, name: str | None) -> Prediction:
     except ImageReadError as exc:
         return Prediction(name=label, error=str(exc))
     return Prediction(name=label, image=image, sha256=hashlib.sha256(raw).hexdigest())
+
+
+def decode_ahead(card: dict[str, Any], paths: Sequence[str | Path], pool: ThreadPoolExecutor, *,
+                 keep_images: bool = False, limit: int = 1024) -> list[Future]:
+    """Start preparing the first `limit` inputs in `pool`, with the preprocessing `card` names, while the
+    model is still loading; pass the result to `score_many(started=...)` (e.g. through `score_paths`).
+
+    Start-up (importing TensorFlow aside: loading and freezing the model) runs on one core; this puts
+    the other one to work. Without `keep_images` the decoded originals are dropped as soon as each
+    input is prepared, so the inputs waiting for the model cost about 50 kB each.
+    """
+    preparer = Predictor.preparer(card)
+
+    def load(path: str | Path) -> Prediction:
+        pred = preparer.prepare_one(path, str(path))
+        if not keep_images:
+            pred.image = None
+        return pred
+
+    return [pool.submit(load, path) for path in paths[:limit]]
 
 
 def score_paths(predictor: Predictor, paths: Sequence[str | Path], **kwargs: Any) -> Iterator[Prediction]:
