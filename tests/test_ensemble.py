@@ -239,3 +239,19 @@ def test_saved_ensemble_carries_no_optimizer_state(ensemble_dir):
         names: list[str] = []
         weights.visit(names.append)
     assert not [n for n in names if "optimizer" in n]
+
+
+def test_full_fine_tuning_is_refused_as_an_ensemble_before_training(tiny_dataset, tmp_path, capsys):
+    """cut=stem has no shared trunk for Grad-CAM and the OOD check: the CLI says so at once, writes nothing."""
+    from mammo_core.cli import main
+
+    root = tmp_path / "weights"
+    root.mkdir()
+    code = main(["--weights", str(root), "train", "--arch", "efficientnet-lite0-ft", "--data", str(tiny_dataset),
+                 "--name", "full-ft", "--recipe", "cut=stem"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "full fine-tuning" in err and "Traceback" not in err
+    from mammo_core.store.run_safety import LOCK_FILE
+
+    assert [p.name for p in root.iterdir() if p.name != LOCK_FILE] == []  # no model folder, no staging left

@@ -41,6 +41,11 @@ def train_ensemble_into(config: Any, out: Path, log: Callable[[str], None] = pri
     data_root = Path(config.data_dir)
     frame = scan_dataset(data_root, patient_map=config.patient_map).reset_index(drop=True)
     recipe = finetune.Recipe(**{**finetune.recipe_dict(finetune.Recipe()), **(config.recipe or {})})
+    if finetune.CUTS[recipe.cut] is None:
+        # Checked before any training: the ensemble's Grad-CAM and out-of-distribution check both read the
+        # shared trunk's output, and full fine-tuning has no shared trunk (its trunk is the image itself).
+        raise ValueError(f"cut={recipe.cut} (full fine-tuning) can be cross-validated (python -m mammo_core cv) but "
+                         "not yet shipped as an ensemble: choose cut=block5a, block6a or block7a")
     cv_config = CVConfig(data_dir=str(data_root), architecture=config.architecture, k=config.folds,
                          group_by=config.group_by, patient_map=config.patient_map, seed=config.seed,
                          preprocessing=config.input_pipeline, recipe=recipe)
