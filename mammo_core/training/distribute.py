@@ -178,27 +178,45 @@ def fit_custom(strategy: Any, trainer: Any, train_ds: Any, *, epochs: int, globa
     save: the save is a collective operation). A run that finds a checkpoint there resumes after its
     epoch. The folder is removed when training completes.
     """
-    import keras
     import tensorflow as tf
 
     strategy = strategy or tf.distribute.get_strategy()
+    dataset = _distributed(strategy, train_ds)
+    step = _train_step(strategy, trainer, class_weight, global_batch_size)
+    epoch_done, manager = _checkpointing(strategy, trainer, checkpoints, chief, log)
+    start = int(epoch_done.numpy())
+    for epoch in range(start, epochs):
+        for cb in callbacks:
+            cb.on_epoch_begin(epoch)
+        logs = {"loss": _train_epoch(step, dataset, callbacks), **(validate() if validate else {})}
+        epoch_done.assign(epoch + 1)
+        if manager is not None:
+            _save_checkpoint(manager, chief)
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, logs)
+    if checkpoints is not None and chief:
+        _remove_checkpoints(checkpoints)
+    return start
+
+
+def _distributed(strategy: Any, train_ds: Any) -> Any:
+    """`train_ds` sharded by data across the strategy's replicas and workers."""
+    import tensorflow as tf
+
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    dataset = strategy.experimental_distribute_dataset(train_ds.with_options(options))
+    return strategy.experimental_distribute_dataset(train_ds.with_options(options))
+
+
+def _train_step(strategy: Any, trainer: Any, class_weight: dict[int, float] | None,
+                global_batch_size: int) -> Callable[[Any, Any], Any]:
+    """One distributed update on a global batch: each replica's (class-weighted) cross-entropy summed
+    over the global batch size, gradients applied by `trainer`'s optimizer; returns the summed loss."""
+    import keras
+    import tensorflow as tf
+
     weights = None if class_weight is None else tf.constant([class_weight[0], class_weight[1]], tf.float32)
     optimizer = trainer.optimizer
-    with strategy.scope():
-        optimizer.build(trainer.trainable_variables)
-        epoch_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_done")
-    ckpt = tf.train.Checkpoint(model=trainer, optimizer=optimizer, epochs_done=epoch_done)
-    manager = None
-    if checkpoints is not None:
-        latest = tf.train.latest_checkpoint(str(checkpoints))
-        if latest:
-            ckpt.restore(latest)
-            log(f"resuming after epoch {int(epoch_done.numpy())} from {checkpoints}")
-        where = checkpoints if chief else Path(tempfile.mkdtemp(prefix="mammo-worker-checkpoint-"))
-        manager = tf.train.CheckpointManager(ckpt, str(where), max_to_keep=1)
 
     def replica_step(x, y):
         with tf.GradientTape() as tape:
@@ -215,26 +233,51 @@ def fit_custom(strategy: Any, trainer: Any, train_ds: Any, *, epochs: int, globa
     def step(x, y):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(x, y)), axis=None)
 
-    start = int(epoch_done.numpy())
-    for epoch in range(start, epochs):
+    return step
+
+
+def _checkpointing(strategy: Any, trainer: Any, checkpoints: Path | None, chief: bool,
+                   log: Callable[[str], None]) -> tuple[Any, Any]:
+    """The epochs-done counter (restored from the latest checkpoint in `checkpoints`, if any) and the
+    checkpoint manager that saves model, optimizer and counter (None without `checkpoints`). Non-chief
+    workers save into a temporary folder of their own."""
+    import tensorflow as tf
+
+    optimizer = trainer.optimizer
+    with strategy.scope():
+        optimizer.build(trainer.trainable_variables)
+        epoch_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_done")
+    ckpt = tf.train.Checkpoint(model=trainer, optimizer=optimizer, epochs_done=epoch_done)
+    if checkpoints is None:
+        return epoch_done, None
+    latest = tf.train.latest_checkpoint(str(checkpoints))
+    if latest:
+        ckpt.restore(latest)
+        log(f"resuming after epoch {int(epoch_done.numpy())} from {checkpoints}")
+    where = checkpoints if chief else Path(tempfile.mkdtemp(prefix="mammo-worker-checkpoint-"))
+    return epoch_done, tf.train.CheckpointManager(ckpt, str(where), max_to_keep=1)
+
+
+def _train_epoch(step: Callable[[Any, Any], Any], dataset: Any, callbacks: Sequence[Any]) -> float:
+    """Run `step` over every batch of `dataset`, telling `callbacks` the running mean loss; returns
+    the epoch's mean loss."""
+    total, steps = 0.0, 0
+    for x, y in dataset:
+        total += float(step(x, y))
+        steps += 1
         for cb in callbacks:
-            cb.on_epoch_begin(epoch)
-        total, steps = 0.0, 0
-        for x, y in dataset:
-            total += float(step(x, y))
-            steps += 1
-            for cb in callbacks:
-                cb.on_train_batch_end(steps - 1, {"loss": total / steps})
-        logs = {"loss": total / max(steps, 1), **(validate() if validate else {})}
-        epoch_done.assign(epoch + 1)
-        if manager is not None:
-            manager.save()
-            if not chief:
-                shutil.rmtree(manager.directory, ignore_errors=True)
-        for cb in callbacks:
-            cb.on_epoch_end(epoch, logs)
-    if checkpoints is not None and chief:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            checkpoints.parent.rmdir()  # `.checkpoints` itself, once no other run uses it
-    return start
+            cb.on_train_batch_end(steps - 1, {"loss": total / steps})
+    return total / max(steps, 1)
+
+
+def _save_checkpoint(manager: Any, chief: bool) -> None:
+    """Save (a collective operation: every worker must); non-chief workers then drop their copy."""
+    manager.save()
+    if not chief:
+        shutil.rmtree(manager.directory, ignore_errors=True)
+
+
+def _remove_checkpoints(checkpoints: Path) -> None:
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        checkpoints.parent.rmdir()  # `.checkpoints` itself, once no other run uses it
