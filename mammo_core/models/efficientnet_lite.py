@@ -102,12 +102,9 @@ def _relu6(name: str) -> keras.layers.ReLU:
 
 def block_index(name: str) -> int:
     """Position (0-15) of an MBConv block such as "block6a" in the network."""
-    index = 0
-    for stage, (repeats, *_rest) in enumerate(_STAGES, start=1):
-        for repeat in range(repeats):
-            if name == f"block{stage}{chr(ord('a') + repeat)}":
-                return index
-            index += 1
+    for index, block in enumerate(_blocks()):
+        if block[0] == name:
+            return index
     raise ValueError(f"no block named {name!r} in EfficientNet-Lite0")
 
 
@@ -119,62 +116,77 @@ def _backbone(image: keras.KerasTensor, *, drop_connect_rate: float,
     blocks from it onwards and the head are built, with the same layer names: the upper part of the network.
     """
     torch_names: dict[str, str] = {}
+    x = _stem(image, torch_names) if start_block == 0 else image
+    for index, (name, kernel, stride, expand, block_in, filters_out) in enumerate(_blocks()):
+        if index >= start_block:
+            x = _mbconv(x, name=name, index=index, kernel=kernel, stride=stride, expand=expand, block_in=block_in,
+                        filters_out=filters_out, drop_connect_rate=drop_connect_rate, torch_names=torch_names)
+    return _head(x, torch_names), torch_names
 
-    x = image
-    if start_block == 0:
-        # Stem. The extra constant-one "inside" channel carries the folded normalisation offset; it is zero
-        # in the convolution's padding exactly like the normalised image is in the original, see _stem_kernel.
-        inside = keras.layers.Conv2D(
-            1, 1, kernel_initializer="zeros", bias_initializer="ones", trainable=False, name="stem_inside"
-        )(image)
-        x = keras.layers.Concatenate(name="stem_concat")([image, inside])
-        x = keras.layers.Conv2D(_STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
-        torch_names["stem_conv"] = "_conv_stem"
-        x = _bn("stem_bn")(x)
-        torch_names["stem_bn"] = "_bn0"
-        x = _relu6("stem_activation")(x)
 
-    index = 0
+def _blocks() -> list[tuple[str, int, int, int, int, int]]:
+    """The 16 MBConv blocks in order: (name, kernel, stride, expand ratio, input filters, output filters);
+    a stage's first block takes the stage's input filters and stride, its repeats its output filters and stride 1."""
+    blocks = []
     for stage, (repeats, kernel, stride, expand, filters_in, filters_out) in enumerate(_STAGES, start=1):
         for repeat in range(repeats):
-            if index < start_block:
-                index += 1
-                continue
-            name = f"block{stage}{chr(ord('a') + repeat)}"
-            prefix = f"_blocks.{index}"
             block_in, block_stride = (filters_in, stride) if repeat == 0 else (filters_out, 1)
-            inputs = x
-            if expand != 1:
-                x = keras.layers.Conv2D(block_in * expand, 1, use_bias=False, name=f"{name}_expand_conv")(x)
-                x = _bn(f"{name}_expand_bn")(x)
-                x = _relu6(f"{name}_expand_activation")(x)
-                torch_names[f"{name}_expand_conv"] = f"{prefix}._expand_conv"
-                torch_names[f"{name}_expand_bn"] = f"{prefix}._bn0"
-            x = keras.layers.DepthwiseConv2D(
-                kernel, strides=block_stride, padding="same", use_bias=False, name=f"{name}_dwconv"
-            )(x)
-            x = _bn(f"{name}_bn")(x)
-            x = _relu6(f"{name}_activation")(x)
-            x = keras.layers.Conv2D(filters_out, 1, use_bias=False, name=f"{name}_project_conv")(x)
-            x = _bn(f"{name}_project_bn")(x)
-            torch_names[f"{name}_dwconv"] = f"{prefix}._depthwise_conv"
-            torch_names[f"{name}_bn"] = f"{prefix}._bn1"
-            torch_names[f"{name}_project_conv"] = f"{prefix}._project_conv"
-            torch_names[f"{name}_project_bn"] = f"{prefix}._bn2"
-            if block_stride == 1 and block_in == filters_out:
-                # Drop connect (stochastic depth), rate growing with depth as in EfficientNet-PyTorch.
-                rate = drop_connect_rate * index / _NUM_BLOCKS
-                if rate > 0:
-                    x = keras.layers.Dropout(rate, noise_shape=(None, 1, 1, 1), name=f"{name}_drop")(x)
-                x = keras.layers.Add(name=f"{name}_add")([x, inputs])
-            index += 1
+            blocks.append((f"block{stage}{chr(ord('a') + repeat)}", kernel, block_stride, expand, block_in, filters_out))
+    return blocks
 
+
+def _stem(image: keras.KerasTensor, torch_names: dict[str, str]) -> keras.KerasTensor:
+    """Stem convolution, BN and ReLU6 on `image`, recording the torch names of its weighted layers."""
+    # The extra constant-one "inside" channel carries the folded normalisation offset; it is zero
+    # in the convolution's padding exactly like the normalised image is in the original, see _stem_kernel.
+    inside = keras.layers.Conv2D(
+        1, 1, kernel_initializer="zeros", bias_initializer="ones", trainable=False, name="stem_inside"
+    )(image)
+    x = keras.layers.Concatenate(name="stem_concat")([image, inside])
+    x = keras.layers.Conv2D(_STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+    torch_names["stem_conv"] = "_conv_stem"
+    x = _bn("stem_bn")(x)
+    torch_names["stem_bn"] = "_bn0"
+    return _relu6("stem_activation")(x)
+
+
+def _mbconv(x: keras.KerasTensor, *, name: str, index: int, kernel: int, stride: int, expand: int, block_in: int,
+            filters_out: int, drop_connect_rate: float, torch_names: dict[str, str]) -> keras.KerasTensor:
+    """One MBConv block (`index` 0-15, layers named `name`_...): optional 1x1 expansion, depthwise
+    convolution, 1x1 projection, and a residual connection with drop connect when shapes allow."""
+    prefix = f"_blocks.{index}"
+    inputs = x
+    if expand != 1:
+        x = keras.layers.Conv2D(block_in * expand, 1, use_bias=False, name=f"{name}_expand_conv")(x)
+        x = _bn(f"{name}_expand_bn")(x)
+        x = _relu6(f"{name}_expand_activation")(x)
+        torch_names[f"{name}_expand_conv"] = f"{prefix}._expand_conv"
+        torch_names[f"{name}_expand_bn"] = f"{prefix}._bn0"
+    x = keras.layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_dwconv")(x)
+    x = _bn(f"{name}_bn")(x)
+    x = _relu6(f"{name}_activation")(x)
+    x = keras.layers.Conv2D(filters_out, 1, use_bias=False, name=f"{name}_project_conv")(x)
+    x = _bn(f"{name}_project_bn")(x)
+    torch_names[f"{name}_dwconv"] = f"{prefix}._depthwise_conv"
+    torch_names[f"{name}_bn"] = f"{prefix}._bn1"
+    torch_names[f"{name}_project_conv"] = f"{prefix}._project_conv"
+    torch_names[f"{name}_project_bn"] = f"{prefix}._bn2"
+    if stride == 1 and block_in == filters_out:
+        # Drop connect (stochastic depth), rate growing with depth as in EfficientNet-PyTorch.
+        rate = drop_connect_rate * index / _NUM_BLOCKS
+        if rate > 0:
+            x = keras.layers.Dropout(rate, noise_shape=(None, 1, 1, 1), name=f"{name}_drop")(x)
+        x = keras.layers.Add(name=f"{name}_add")([x, inputs])
+    return x
+
+
+def _head(x: keras.KerasTensor, torch_names: dict[str, str]) -> keras.KerasTensor:
+    """1x1 head convolution to 1280 channels, BN and ReLU6: the `LAST_CONV_LAYER` output."""
     x = keras.layers.Conv2D(_HEAD_FILTERS, 1, use_bias=False, name="top_conv")(x)
     torch_names["top_conv"] = "_conv_head"
     x = _bn("top_bn")(x)
     torch_names["top_bn"] = "_bn1"
-    x = _relu6(LAST_CONV_LAYER)(x)
-    return x, torch_names
+    return _relu6(LAST_CONV_LAYER)(x)
 
 
 def build_upper(start: str, input_shape: Sequence[int], source: keras.Model) -> keras.Model:
