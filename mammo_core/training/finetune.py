@@ -16,6 +16,7 @@ features for the out-of-distribution check (`ood`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -200,40 +201,18 @@ def fit_member(activations: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
     keras.utils.set_random_seed(seed)
     if core is None:
         _, core = build_parts(recipe.cut)
-    member = build_member(core, recipe, index)
-    member.compile(optimizer=keras.optimizers.AdamW(recipe.learning_rate, weight_decay=recipe.weight_decay),
-                   loss=keras.losses.BinaryCrossentropy(from_logits=True),
-                   metrics=[keras.metrics.AUC(name="auc", from_logits=True)])
+    member = _compiled_member(core, recipe, index)
     rng = np.random.default_rng(seed)
     val_rows = _per_group_sample(np.asarray(val_idx), groups, recipe.val_copies_per_source, rng)
     val_x = np.asarray(activations[val_rows], dtype=np.float32)
     val_y = labels[val_rows]
     classes = np.unique(labels[train_idx])
     weights = dict(zip(classes.astype(int), compute_class_weight("balanced", classes=classes, y=labels[train_idx])))
-
-    class Epochs(keras.utils.PyDataset):
-        """Fresh copies per source image each epoch, shuffled, in batches."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.on_epoch_end()
-
-        def on_epoch_end(self) -> None:
-            rows = _per_group_sample(np.asarray(train_idx), groups, recipe.copies_per_source, rng)
-            self.rows = rng.permutation(rows)
-
-        def __len__(self) -> int:
-            return int(np.ceil(len(self.rows) / recipe.batch_size))
-
-        def __getitem__(self, i: int):
-            rows = np.sort(self.rows[i * recipe.batch_size:(i + 1) * recipe.batch_size])
-            y = labels[rows]
-            return np.asarray(activations[rows], dtype=np.float32), y, np.vectorize(weights.get)(y.astype(int)).astype(np.float32)
-
     stop = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=recipe.patience,
                                          restore_best_weights=True)
     t0 = time.time()
-    fit = member.fit(Epochs(), validation_data=(val_x, val_y), epochs=recipe.max_epochs, callbacks=[stop], verbose=0)
+    epochs = _epoch_sampler_class()(activations, labels, groups, np.asarray(train_idx), recipe, weights, rng)
+    fit = member.fit(epochs, validation_data=(val_x, val_y), epochs=recipe.max_epochs, callbacks=[stop], verbose=0)
     seconds = time.time() - t0
     history = [{"epoch": i + 1, **{k: float(v[i]) for k, v in fit.history.items()}} for i in range(len(fit.history["loss"]))]
     best = int(np.nanargmax([h["val_auc"] for h in history])) + 1
@@ -243,6 +222,50 @@ def fit_member(activations: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
         f"{trained / max(seconds, 1e-6):.0f} img/s")
     return member, {"best_epoch": best, "epochs_run": len(history), "history": history, "val_rows": val_rows,
                     "val_logits": val_logits, "seconds": seconds, "trained_images": trained}
+
+
+def _compiled_member(core: Any, recipe: Recipe, index: int) -> Any:
+    """`build_member`, compiled with AdamW, logit binary cross-entropy and a logit AUC metric."""
+    import keras
+
+    member = build_member(core, recipe, index)
+    member.compile(optimizer=keras.optimizers.AdamW(recipe.learning_rate, weight_decay=recipe.weight_decay),
+                   loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                   metrics=[keras.metrics.AUC(name="auc", from_logits=True)])
+    return member
+
+
+@functools.cache
+def _epoch_sampler_class() -> type:
+    """The Keras `PyDataset` of `fit_member`'s training batches (made on first use: keras loads lazily)."""
+    import keras
+
+    class EpochSampler(keras.utils.PyDataset):
+        """Fresh copies per source image each epoch (`copies_per_source` per group of `train_idx`, drawn
+        with `rng`), shuffled, in batches of (activations, labels, class weights)."""
+
+        def __init__(self, activations: np.ndarray, labels: np.ndarray, groups: np.ndarray, train_idx: np.ndarray,
+                     recipe: Recipe, weights: dict[int, float], rng: np.random.Generator) -> None:
+            super().__init__()
+            self.activations, self.labels, self.groups, self.train_idx = activations, labels, groups, train_idx
+            self.recipe, self.weights, self.rng = recipe, weights, rng
+            self.on_epoch_end()
+
+        def on_epoch_end(self) -> None:
+            rows = _per_group_sample(self.train_idx, self.groups, self.recipe.copies_per_source, self.rng)
+            self.rows = self.rng.permutation(rows)
+
+        def __len__(self) -> int:
+            return int(np.ceil(len(self.rows) / self.recipe.batch_size))
+
+        def __getitem__(self, i: int):
+            size = self.recipe.batch_size
+            rows = np.sort(self.rows[i * size:(i + 1) * size])
+            y = self.labels[rows]
+            x = np.asarray(self.activations[rows], dtype=np.float32)
+            return x, y, np.vectorize(self.weights.get)(y.astype(int)).astype(np.float32)
+
+    return EpochSampler
 
 
 def predict_logits(member, activations: np.ndarray, batch_size: int = 256) -> np.ndarray:
