@@ -166,7 +166,6 @@ def prepare(pixels: np.ndarray, *, size: int = IMAGE_SIZE, aspect: str = DEFAULT
         raise ValueError(f"expected a 2-D uint8 image, got shape {pixels.shape} dtype {pixels.dtype}")
     h, w = pixels.shape
     if (h, w) == (size, size) and _is_prepared(pixels):
-        rows, cols = np.flatnonzero(pixels.any(axis=1)), np.flatnonzero(pixels.any(axis=0))
         return Prepared(pixels.copy(), Geometry((h, w), (0, 0, h, w), False, (h, w), 0, 0, size), True,
                         float((pixels > 0).mean()), _outline(_largest_region(pixels > 0), 1.0), [])
     work, scale = _work_copy(pixels)
@@ -177,9 +176,29 @@ def prepare(pixels: np.ndarray, *, size: int = IMAGE_SIZE, aspect: str = DEFAULT
     if not found:
         warnings.append("No breast tissue was found in this image; it was scored whole and the score means little.")
         mask = np.ones_like(mask)
+    crop = _crop_box(mask, scale, (h, w))
+    values, mask_crop, flipped = _cropped_and_oriented(pixels, mask, crop, found)
+    canvas, canvas_mask, pad_top, pad_left = _padded(values, mask_crop, aspect)
+    out = _resized_and_stretched(canvas, canvas_mask, size)
+    geometry = Geometry((h, w), crop, flipped, canvas.shape, pad_top, pad_left, size)
+    return Prepared(out, geometry, found, fraction if found else 0.0, _outline(mask if found else np.zeros_like(mask), scale),
+                    warnings)
+
+
+def _crop_box(mask: np.ndarray, scale: float, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) in the original frame of `shape` of the bounding box of `mask`, which
+    is on the working copy `scale` times the original's size."""
+    h, w = shape
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    crop = (int(rows[0] / scale), int(cols[0] / scale),
+    return (int(rows[0] / scale), int(cols[0] / scale),
             min(h, int(np.ceil((rows[-1] + 1) / scale))), min(w, int(np.ceil((cols[-1] + 1) / scale))))
+
+
+def _cropped_and_oriented(pixels: np.ndarray, mask: np.ndarray, crop: tuple[int, int, int, int],
+                          found: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The crop of `pixels` (float32) and of the mask at full resolution, flipped so that the chest wall
+    is on the left; and whether it was flipped."""
+    h, w = pixels.shape
     t, l, b, r = crop
     region = pixels[t:b, l:r]
     # the mask at full resolution (nearest), so that background is exactly zero in the output
@@ -192,6 +211,12 @@ def prepare(pixels: np.ndarray, *, size: int = IMAGE_SIZE, aspect: str = DEFAULT
     flipped = bool(found and col_mass[half + col_mass.shape[0] % 2:].sum() > FLIP_TOLERANCE * col_mass[:half].sum())
     if flipped:
         values, mask_crop = values[:, ::-1], mask_crop[:, ::-1]
+    return values, mask_crop, flipped
+
+
+def _padded(values: np.ndarray, mask_crop: np.ndarray, aspect: str) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The crop and its mask on a background canvas with the margin (square for "pad"); and the top and
+    left padding."""
     ch, cw = values.shape
     # The margin is background added around the crop (not pixels taken from beyond it), so the output's
     # own bounding box plus margin is the whole output again: `prepare` is idempotent.
@@ -206,16 +231,19 @@ def prepare(pixels: np.ndarray, *, size: int = IMAGE_SIZE, aspect: str = DEFAULT
     canvas_mask = np.zeros(shape, dtype=bool)
     canvas[pad_top:pad_top + ch, pad_left:pad_left + cw] = values
     canvas_mask[pad_top:pad_top + ch, pad_left:pad_left + cw] = mask_crop
+    return canvas, canvas_mask, pad_top, pad_left
+
+
+def _resized_and_stretched(canvas: np.ndarray, canvas_mask: np.ndarray, size: int) -> np.ndarray:
+    """The canvas resized to (size, size) uint8, breast stretched to [FLOOR, CEILING] at its 1st/99th
+    percentiles, background exactly zero."""
     resized = np.asarray(Image.fromarray(canvas, mode="F").resize((size, size), Image.BILINEAR))
     resized_mask = np.asarray(Image.fromarray(canvas_mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)) >= 128
     # intensity last, on the output grid itself, so that our own output maps onto itself
     inside = resized[resized_mask]
     lo, hi = (np.percentile(inside, (1, 99)) if inside.size else (0.0, 255.0))
     stretch = (CEILING - FLOOR) / max(float(hi - lo), 1.0)
-    out = np.where(resized_mask, np.clip(np.rint(FLOOR + (resized - lo) * stretch), FLOOR, 255), 0).astype(np.uint8)
-    geometry = Geometry((h, w), crop, flipped, shape, pad_top, pad_left, size)
-    return Prepared(out, geometry, found, fraction if found else 0.0, _outline(mask if found else np.zeros_like(mask), scale),
-                    warnings)
+    return np.where(resized_mask, np.clip(np.rint(FLOOR + (resized - lo) * stretch), FLOOR, 255), 0).astype(np.uint8)
 
 
 def prepare_for_model(pixels: np.ndarray, *, size: int = IMAGE_SIZE, aspect: str = DEFAULT_ASPECT) -> np.ndarray:
