@@ -17,10 +17,21 @@ HEAD_EPOCHS = 30
 
 
 def class_weights(labels: np.ndarray) -> dict[int, float]:
-    """Weights making each class's total weight equal (n / (2 * n_class))."""
+    """Weights making each class's total weight equal: scikit-learn's "balanced", n / (2 * n_class).
+
+    When the rows hold only one class (or none), scikit-learn refuses; the absent class's count is then
+    taken as 1 (so the present class weighs 0.5 and the absent one n / 2, never used on these rows), which
+    keeps every caller's {0: w0, 1: w1} contract.
+    """
+    from sklearn.utils.class_weight import compute_class_weight
+
     labels = np.asarray(labels, dtype=int)
+    classes = np.array([0, 1])
+    if np.isin(classes, labels).all():
+        return {int(c): float(w) for c, w in zip(classes, compute_class_weight("balanced", classes=classes, y=labels))}
+    # Hand-written only for the one-class case scikit-learn rejects.
     n = len(labels)
-    return {c: float(n / (2.0 * max(int((labels == c).sum()), 1))) for c in (0, 1)}
+    return {int(c): float(n / (2.0 * max(int((labels == c).sum()), 1))) for c in classes}
 
 
 def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *, l2: float,
