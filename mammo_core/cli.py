@@ -306,13 +306,8 @@ def _rescore_split(model_dir: Path, card: dict, dataset: Path, split: str):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from concurrent.futures import ThreadPoolExecutor
-
     from mammo_core.data.datasets import expand_inputs
-    from mammo_core.inference.predict import Predictor, decode_ahead, score_paths
-    from mammo_core.io.preprocessing import card_preprocessing
-    from mammo_core.store.card import read_card
-    from mammo_core.store.registry import resolve_model_dir
+    from mammo_core.inference.predict import score_paths
 
     paths = expand_inputs(args.paths)
     if not paths:
@@ -321,39 +316,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         return _predict_ray(args, paths)
     outdir = Path(args.gradcam) if args.gradcam else None
-    early = ThreadPoolExecutor(max_workers=1)  # decodes the first inputs while the model loads
-    try:
-        early_card = read_card(resolve_model_dir(args.model, root=args.weights))
-        started = decode_ahead(early_card, paths, early, keep_images=outdir is not None,
-                               limit=1024 if outdir is None else 2 * args.batch_size)
-    except MammoError:  # a bad model directory: Predictor.load says why, as before
-        early_card, started = {}, []
-    try:
-        predictor = Predictor.load(args.model, root=args.weights)
-    except BaseException:
-        early.shutdown(wait=False, cancel_futures=True)
-        raise
-    if started and card_preprocessing(early_card) != predictor.preprocessing:  # the card changed meanwhile
-        early.shutdown(wait=True, cancel_futures=True)
-        started = []
+    predictor, early, started = _load_decoding_ahead(args, paths, keep_images=outdir is not None)
     outputs = _PredictOutputs(args, predictor.name, predictor.model_sha256)
     inputs_dir = Path(args.save_inputs) if args.save_inputs else None
     for folder in (outdir, inputs_dir):
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
     rejected = 0
-    bar = None
-    if not args.no_progress and len(paths) > 1 and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(paths), unit="img", file=sys.stderr)
-    last = [0]
-
-    def progress(n: int) -> None:
-        if bar is not None:
-            bar.update(n - last[0])
-            last[0] = n
-
+    bar, progress = _progress_bar(args, len(paths))
     for pred in score_paths(predictor, paths, with_cam=outdir is not None, keep_images=outdir is not None,
                             batch_size=args.batch_size, progress=progress, started=started):
         if pred.error is not None:
@@ -365,20 +335,70 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 _save_input(pred, inputs_dir)
         row = pred.to_json(predictor.name)
         outputs.add(row, pred.sha256)
-        if args.json:
-            print(json.dumps(row), flush=True)
-        elif pred.error is not None:
-            print(f"{pred.name}\terror: {pred.error}", flush=True)
-        else:
-            interval = (f"\t[{pred.probability_interval[0]:.4f}, {pred.probability_interval[1]:.4f}]"
-                        if pred.probability_interval else "")
-            flags = "".join(f"\twarning: {w}" for w in pred.warnings)
-            print(f"{pred.name}\t{pred.probability:.4f}{interval}\t{pred.label}{flags}", flush=True)
+        _print_prediction(pred, row, as_json=args.json)
     if bar is not None:
         bar.close()
     early.shutdown()
     outputs.close()
     return EXIT_REJECTED if rejected else EXIT_OK
+
+
+def _load_decoding_ahead(args: argparse.Namespace, paths: list[Path], *, keep_images: bool):
+    """(Predictor, the executor, the inputs it decodes): the first inputs are decoded in a thread while
+    the model loads; dropped when the card's preprocessing changed meanwhile. Shut the executor down after use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mammo_core.inference.predict import Predictor, decode_ahead
+    from mammo_core.io.preprocessing import card_preprocessing
+    from mammo_core.store.card import read_card
+    from mammo_core.store.registry import resolve_model_dir
+
+    early = ThreadPoolExecutor(max_workers=1)  # decodes the first inputs while the model loads
+    try:
+        early_card = read_card(resolve_model_dir(args.model, root=args.weights))
+        started = decode_ahead(early_card, paths, early, keep_images=keep_images,
+                               limit=1024 if not keep_images else 2 * args.batch_size)
+    except MammoError:  # a bad model directory: Predictor.load says why, as before
+        early_card, started = {}, []
+    try:
+        predictor = Predictor.load(args.model, root=args.weights)
+    except BaseException:
+        early.shutdown(wait=False, cancel_futures=True)
+        raise
+    if started and card_preprocessing(early_card) != predictor.preprocessing:  # the card changed meanwhile
+        early.shutdown(wait=True, cancel_futures=True)
+        started = []
+    return predictor, early, started
+
+
+def _progress_bar(args: argparse.Namespace, total: int):
+    """(tqdm bar or None, progress(n done) callback): a bar only for several inputs on a terminal."""
+    bar = None
+    if not args.no_progress and total > 1 and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="img", file=sys.stderr)
+    last = [0]
+
+    def progress(n: int) -> None:
+        if bar is not None:
+            bar.update(n - last[0])
+            last[0] = n
+
+    return bar, progress
+
+
+def _print_prediction(pred, row: dict, *, as_json: bool) -> None:
+    """One stdout line per input: the JSON row, or name, probability [interval], label and warnings."""
+    if as_json:
+        print(json.dumps(row), flush=True)
+    elif pred.error is not None:
+        print(f"{pred.name}\terror: {pred.error}", flush=True)
+    else:
+        interval = (f"\t[{pred.probability_interval[0]:.4f}, {pred.probability_interval[1]:.4f}]"
+                    if pred.probability_interval else "")
+        flags = "".join(f"\twarning: {w}" for w in pred.warnings)
+        print(f"{pred.name}\t{pred.probability:.4f}{interval}\t{pred.label}{flags}", flush=True)
 
 
 class _PredictOutputs:
