@@ -14,6 +14,14 @@ import streamlit as st
 
 from appkit import cards, shared
 
+#: What each page of `shared.PAGES` is for, after its label in Home's list (a page without one shows its label).
+PAGE_SUMMARIES = {
+    "pages/1_Review.py": "score uploaded mammograms, with Grad-CAM",
+    "pages/2_Metrics.py": "ROC, confusion matrix and Table 1 of the models",
+    "pages/3_Models.py": "every model's card; make one the default, compare, delete",
+    "pages/4_Retrain.py": "train a new model in the background",
+}
+
 user = shared.setup("Home")
 
 st.title("Mammogram benign/malignant research tool")
@@ -42,11 +50,7 @@ else:
     shared.evaluation_note(card)
 
 st.subheader("Pages")
-st.page_link("pages/1_Review.py", label="Review: score uploaded mammograms, with Grad-CAM", icon=":material/search:")
-st.page_link("pages/2_Metrics.py", label="Metrics: ROC, confusion matrix and Table 1 of the models",
-             icon=":material/monitoring:")
-st.page_link("pages/3_Models.py", label="Models: every model's card; make one the default, compare, delete",
-             icon=":material/inventory_2:")
-if user.is_admin:
-    st.page_link("pages/4_Retrain.py", label="Retrain: train a new model in the background",
-                 icon=":material/model_training:")
+for script, label, icon, admin_only in shared.PAGES:  # the one list of pages, as in the sidebar
+    if script != "app.py" and (user.is_admin or not admin_only):
+        summary = PAGE_SUMMARIES.get(script)
+        st.page_link(script, label=f"{label}: {summary}" if summary else label, icon=icon)

@@ -81,6 +81,31 @@ def test_home_shows_intended_use_and_model_in_use(app_env, tiny_weights):
     assert at.sidebar.selectbox[0].value == "tiny-grouped"
 
 
+def _home_links(at: AppTest) -> list[str]:
+    return [link.label.split(":")[0] for link in at.main.get("page_link")]
+
+
+def test_home_lists_the_pages_of_the_navigation(app_env, tiny_weights, monkeypatch):
+    from appkit import shared
+    from mammo_core import auth
+
+    app_env(tiny_weights)
+    at = start()
+    assert _home_links(at) == ["Review", "Metrics", "Models", "Retrain"]  # local mode: admin
+    review = at.main.get("page_link")[0]
+    assert review.label == "Review: score uploaded mammograms, with Grad-CAM" and review.icon == ":material/search:"
+
+    # A page declared once, in shared.PAGES, shows on Home too.
+    monkeypatch.setattr(shared, "PAGES", [*shared.PAGES, ("pages/2_Metrics.py", "Extra", ":material/star:", False)])
+    at = start()
+    assert _home_links(at) == ["Review", "Metrics", "Models", "Retrain", "Extra"]
+    assert at.main.get("page_link")[-1].icon == ":material/star:"
+
+    # Readers do not see admin pages on Home either.
+    monkeypatch.setattr(auth, "local_user", lambda: auth.User("rita", "reader", "local"))
+    assert _home_links(start()) == ["Review", "Metrics", "Models", "Extra"]
+
+
 def test_review_scores_uploads_and_threshold_does_not_rescore(app_env, tiny_weights, sample_png, monkeypatch):
     from mammo_core.inference.predict import Predictor
 
