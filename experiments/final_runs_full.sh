@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Third round (2026-11-30 evening): H (full fine-tuning, lr 3e-4, 32 copies) had the highest mean validation AUC
+# in experiments/selection.jsonl (0.843; rule fixed before G and H ran: the highest mean validation AUC wins), so
+# only now are its test folds scored, on the same folds as every other row of docs/EXPERIMENTS.md. `train` refuses
+# cut=stem as a shipped ensemble (no shared trunk for Grad-CAM and the OOD check), so these are CV runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export MAMMO_DATA_DIR=${MAMMO_DATA_DIR:-../shared/data/augmented-inbreast}
+PY=${PY:-.venv/bin/python}
+recipe="--recipe cut=stem --recipe learning_rate=0.0003 --recipe copies_per_source=32"
+for g in source patient; do
+  $PY -m mammo_core cv --arch efficientnet-lite0-ft --group-by $g --preprocessing breast-crop-v1 $recipe \
+    --out cv-results/efficientnet-lite0-ft-full-$g
+done
+echo FINAL-FULL-DONE
