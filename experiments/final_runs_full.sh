@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 export MAMMO_DATA_DIR=${MAMMO_DATA_DIR:-../shared/data/augmented-inbreast}
 PY=${PY:-.venv/bin/python}
 recipe="--recipe cut=stem --recipe learning_rate=0.0003 --recipe copies_per_source=32"
-for g in source patient; do
-  $PY -m mammo_core cv --arch efficientnet-lite0-ft --group-by $g --preprocessing breast-crop-v1 $recipe \
-    --out cv-results/efficientnet-lite0-ft-full-$g
-done
+# by source image: the same run as `cv --group-by source`, keeping the five members for a later ensemble
+$PY experiments/final_full_source.py cv-results/efficientnet-lite0-ft-full-source
+$PY -m mammo_core cv --arch efficientnet-lite0-ft --group-by patient --preprocessing breast-crop-v1 $recipe \
+  --out cv-results/efficientnet-lite0-ft-full-patient
 echo FINAL-FULL-DONE
