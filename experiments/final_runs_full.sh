@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MAMMO_DATA_DIR=${MAMMO_DATA_DIR:-../shared/data/augmented-inbreast}
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}  # the experiments import mammo_core from this checkout
 PY=${PY:-.venv/bin/python}
 recipe="--recipe cut=stem --recipe learning_rate=0.0003 --recipe copies_per_source=32"
 # by source image: the same run as `cv --group-by source`, keeping the five members for a later ensemble
