@@ -11,6 +11,7 @@ leaves out admin pages (which also refuse readers themselves, `require_admin`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -274,21 +275,31 @@ def settle_after_model_load() -> None:
     release_freed_memory()
 
 
+@functools.lru_cache(maxsize=1)
+def _glibc() -> Any:
+    """glibc, opened once (None elsewhere). Not through ctypes.util.find_library, which runs
+    `ldconfig -p` in a subprocess: a fork of the 1.7 GB server on every call."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
 def release_freed_memory() -> None:
     """Collect cyclic garbage, then ask glibc to hand freed heap back to the OS (`malloc_trim(0)`).
     Decoding an 80-megapixel upload frees hundreds of MB in the script thread's malloc arena, which glibc
     otherwise keeps for good (measured: 6 such uploads left +350 MB of RSS after their results were
     dropped, +47 MB after a trim). A few milliseconds; ctypes releases the GIL meanwhile. Does nothing
     where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()  # cyclic garbage (Plotly figures) first; cheap once the loaded model is frozen
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def release_ended_sessions() -> int:

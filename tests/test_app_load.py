@@ -16,9 +16,11 @@ def fresh_model_cache():
     from appkit import shared
 
     shared._load_predictor.clear()
+    shared._glibc.cache_clear()
     gc.unfreeze()
     yield
     shared._load_predictor.clear()
+    shared._glibc.cache_clear()
     gc.unfreeze()
 
 
@@ -186,3 +188,19 @@ def test_review_returns_the_heap_after_the_run_that_scored(app_env, tiny_weights
     at.slider[0].set_value(0.3).run()  # a rerun that scores nothing
     no_exception(at)
     assert events == ["figure"]
+
+
+def test_releasing_memory_forks_no_process(monkeypatch, fresh_model_cache):
+    """ctypes.util.find_library runs `ldconfig -p` in a subprocess: a fork of the whole server (1.7 GB of
+    page tables copied, its RSS counted twice while it lives) after every scoring run. The C library is
+    opened by name, once."""
+    import subprocess
+
+    from appkit import shared
+
+    def no_fork(*args, **kwargs):
+        raise AssertionError(f"a subprocess was started: {args[0] if args else kwargs}")
+
+    monkeypatch.setattr(subprocess, "Popen", no_fork)
+    shared.release_freed_memory()
+    shared.release_freed_memory()
