@@ -638,7 +638,7 @@ def cli_profile_lines(results: dict) -> list[str]:
     if not c:
         return []
     peak = (results.get("peak") or {}).get("float32")
-    flops = (results.get("folder:default") or results.get("latency:default") or {}).get("flops")
+    flops = c.get("flops") or (results.get("folder:default") or results.get("latency:default") or {}).get("flops")
     best = max(c["pipelines"].values(), key=lambda r: r["images_per_s"])
     total = c["startup_s"] + c["startup"]["Python start and exit"] + best["wall_s"]
     n = c["n"]

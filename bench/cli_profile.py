@@ -159,8 +159,10 @@ def profile(folder: str, *, rounds: int = 2) -> dict:
     pipelines = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in runs.items()}
     for k, v in runs.items():
         pipelines[k]["all_images_per_s"] = [round(r["images_per_s"], 1) for r in v]
+    from bench.scoring import flops_per_image
+
     return {"n": n, "startup": marks, "startup_s": startup_s, "steady": steady, "pipelines": pipelines,
-            "rounds": rounds, "inside_s": time.perf_counter() - T0}
+            "rounds": rounds, "flops": flops_per_image(predictor.model)["total"], "inside_s": time.perf_counter() - T0}
 
 
 if __name__ == "__main__":
