@@ -236,15 +236,43 @@ class Predictor:
             yield from self._score_one_batch(items, with_cam=with_cam, keep_images=keep_images, progress=progress,
                                              workers=workers)
             return
-        loading: deque = deque(started or ())  # futures of decoded inputs, in input order
-        todo = iter(items[len(loading):])
         waiting: deque[Prediction] = deque()  # decoded, not yet yielded (the current batch and its failures)
         batch: list[Prediction] = []
         emitted = 0
+        decoded = self._decoded_in_order(items, started=started, look_ahead=2 * batch_size, workers=workers)
+        try:
+            for pred, more in decoded:
+                waiting.append(pred)
+                if pred.error is None:
+                    batch.append(pred)
+                if len(batch) == batch_size or (batch and not more):
+                    self._fill_batch(batch, np.stack([p.model_input for p in batch]), with_cam)
+                    batch = []
+                    while waiting:
+                        yield self._strip(waiting.popleft(), keep_images)
+                        emitted += 1
+                    if progress:
+                        progress(emitted)
+        finally:  # the caller stopped early: drop what is not started yet
+            decoded.close()
+        while waiting:  # trailing failures (or every input failed)
+            yield self._strip(waiting.popleft(), keep_images)
+            emitted += 1
+        if progress:
+            progress(emitted)
+
+    def _decoded_in_order(self, items: list[tuple[Source, str | None]], *, started: Sequence[Future] | None,
+                          look_ahead: int, workers: int) -> Iterator[tuple[Prediction, bool]]:
+        """Each input decoded and prepared (`_load`) in `workers` threads, at most `look_ahead` inputs ahead of
+        the consumer (memory stays at about two batches of decoded images); yields (prediction, whether more
+        inputs follow) in input order. `started`: futures for the first inputs, already submitted. Closing
+        the generator cancels what has not started."""
+        loading: deque = deque(started or ())  # futures of decoded inputs, in input order
+        todo = iter(items[len(loading):])
         with ThreadPoolExecutor(max_workers=workers) as pool:
 
-            def top_up() -> None:  # bounded look-ahead: memory stays at about two batches of decoded images
-                while len(loading) < 2 * batch_size:
+            def top_up() -> None:
+                while len(loading) < look_ahead:
                     item = next(todo, None)
                     if item is None:
                         return
@@ -255,25 +283,10 @@ class Predictor:
                 while loading:
                     pred = loading.popleft().result()
                     top_up()
-                    waiting.append(pred)
-                    if pred.error is None:
-                        batch.append(pred)
-                    if len(batch) == batch_size or (batch and not loading):
-                        self._fill_batch(batch, np.stack([p.model_input for p in batch]), with_cam)
-                        batch = []
-                        while waiting:
-                            yield self._strip(waiting.popleft(), keep_images)
-                            emitted += 1
-                        if progress:
-                            progress(emitted)
-            finally:  # the caller stopped early: drop what is not started yet
+                    yield pred, bool(loading)
+            finally:
                 for future in loading:
                     future.cancel()
-        while waiting:  # trailing failures (or every input failed)
-            yield self._strip(waiting.popleft(), keep_images)
-            emitted += 1
-        if progress:
-            progress(emitted)
 
     def _load(self, source: Source, name: str | None) -> Prediction:
         """Decode and preprocess one input (in a worker thread); errors end up in `Prediction.error`."""
