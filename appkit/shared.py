@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,7 @@ def setup(page: str = "Home", *, admin_only: bool = False) -> auth.User:
                        layout="wide", initial_sidebar_state="auto")
     keep_keras_state_between_reruns()
     release_ended_sessions()
+    session_reaper()
     st.html(CSS)
     user = sign_in()
     navigation(user)
@@ -332,6 +333,32 @@ def release_ended_sessions() -> int:
     return count
 
 
+#: Seconds between two checks of the background reaper (`session_reaper`) for sessions past their TTL.
+REAP_INTERVAL_S = 30.0
+
+
+def reap_until(stop: threading.Event, interval: float = REAP_INTERVAL_S) -> None:
+    """Call `release_ended_sessions` every `interval` seconds until `stop` is set. An error in one round
+    is logged (its type only: no session data) and the next round goes on."""
+    import logging
+
+    while not stop.wait(interval):
+        try:
+            release_ended_sessions()
+        except Exception as exc:  # noqa: BLE001 - the reaper must outlive one bad round
+            logging.getLogger(__name__).warning("session reaper: %s", type(exc).__name__)
+
+
+@st.cache_resource(show_spinner=False)
+def session_reaper() -> threading.Thread:
+    """One daemon thread per server process that frees the sessions Streamlit has given up on even when
+    nobody opens a page (page runs also do it, `release_ended_sessions`): memory comes back about
+    `server.disconnectedSessionTTL` + `REAP_INTERVAL_S` after the last browser closes."""
+    thread = threading.Thread(target=reap_until, args=(threading.Event(),), name="mammo-session-reaper", daemon=True)
+    thread.start()
+    return thread
+
+
 @st.cache_resource(show_spinner=False, max_entries=2)
 def _load_predictor(name: str, root: str, signature: tuple):  # noqa: ARG001
     # Imported here so that TensorFlow loads only when a page needs the model, not at first paint.
@@ -485,7 +512,7 @@ def honest_headline(card: dict[str, Any]) -> None:
         else:
             col.metric(f"Cross-validated AUC, by {by}", "—", help=f"This model's card has no cross-validation grouped by {by}.")
     if single is not None:
-        cols[2].metric(f"Single split: test AUC", single["text"],
+        cols[2].metric("Single split: test AUC", single["text"],
                        help=f"One split ({single['label']}), {single['n'] or '?'} test images."
                             + (" Leaky: inflated by memorised copies." if cards.is_leaky(card) else
                                " Rests on few source images: see the interval of the cross-validation."))

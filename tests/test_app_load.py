@@ -204,3 +204,54 @@ def test_releasing_memory_forks_no_process(monkeypatch, fresh_model_cache):
     monkeypatch.setattr(subprocess, "Popen", no_fork)
     shared.release_freed_memory()
     shared.release_freed_memory()
+
+
+def test_background_reaper_frees_ended_sessions_with_no_page_run(monkeypatch):
+    """Memory must come back after the last browser closes even if nobody opens a page again."""
+    import threading
+
+    from streamlit.runtime.session_manager import SessionInfo
+
+    from appkit import shared
+
+    clock = [0.0]
+    storage = _fake_runtime(monkeypatch, clock)
+    gone = _FakeSession("closed-browser")
+    storage.save(SessionInfo(client=None, session=gone, script_run_count=1))
+    clock[0] = 121.0
+    stop = threading.Event()
+    reaper = threading.Thread(target=shared.reap_until, args=(stop, 0.01), daemon=True)
+    reaper.start()
+    for _ in range(200):
+        if gone.shut_down:
+            break
+        threading.Event().wait(0.01)
+    stop.set()
+    reaper.join(timeout=5)
+    assert gone.shut_down and not reaper.is_alive()
+
+
+def test_reaper_survives_a_failing_round(monkeypatch):
+    import threading
+
+    from appkit import shared
+
+    calls = []
+
+    def flaky() -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("streamlit internals changed")
+        return 0
+
+    monkeypatch.setattr(shared, "release_ended_sessions", flaky)
+    stop = threading.Event()
+    reaper = threading.Thread(target=shared.reap_until, args=(stop, 0.01), daemon=True)
+    reaper.start()
+    for _ in range(200):
+        if len(calls) >= 3:
+            break
+        threading.Event().wait(0.01)
+    stop.set()
+    reaper.join(timeout=5)
+    assert len(calls) >= 3
