@@ -125,7 +125,9 @@ def test_corrupted_model_is_detected_and_never_swapped(trained, tmp_path):
     assert not hasattr(registry, "load_model_with_fallback")
 
 
-def _start_training(weights: Path, dataset: Path, name: str, progress: Path, epochs: int = 200):
+def _start_training(weights: Path, dataset: Path, name: str, progress: Path, epochs: int = 20000):
+    # Far more epochs than the tiny run could finish before the signal, however slow or starved the test
+    # process is (with 200 epochs a loaded CI machine once finished training before SIGTERM arrived).
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.Popen(
         [sys.executable, "-m", "mammo_core", "--weights", str(weights), "train", "--data", str(dataset),
