@@ -183,9 +183,14 @@ def test_killed_or_cancelled_training_loses_nothing(trained, tiny_dataset, tmp_p
     before = snapshot(root / "tiny")
     progress = tmp_path / "progress.json"
     proc = _start_training(root, tiny_dataset, "new", progress)
-    _wait_running(proc, progress)
-    proc.send_signal(getattr(signal, how))
-    code = proc.wait(timeout=60)
+    try:
+        _wait_running(proc, progress)
+        proc.send_signal(getattr(signal, how))
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:  # the signal was not obeyed: never leave a long training behind
+            proc.kill()
+            proc.wait()
     if how == "SIGTERM":
         assert code == 130, proc.stderr.read().decode()[-3000:]
         assert json.loads(progress.read_text())["state"] == "cancelled"
