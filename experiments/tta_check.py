@@ -10,6 +10,7 @@ import time
 
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import numpy as np
+from scipy.special import expit
 
 from mammo_core.data.datasets import scan_dataset
 from mammo_core.data.pipeline import load_images
@@ -54,8 +55,9 @@ class TTATrainer(FineTuneTrainer):
             logits[name] = finetune.predict_logits(member, acts.astype(np.float16).astype(np.float32))
         y = vf["label"].to_numpy()
         row = {"fold": len(self.members) - 1, "n_val": int(len(y)),
-               **{k: round(auc_score(y, np.mean([logits[v] for v in vs], axis=0)), 4) for k, vs in SETS.items()},
-               **{f"view {k}": round(auc_score(y, v), 4) for k, v in logits.items()}}
+               **{k: round(auc_score(y, expit(np.mean([logits[v] for v in vs], axis=0).astype(np.float64))), 4)
+                  for k, vs in SETS.items()},
+               **{f"view {k}": round(auc_score(y, expit(v.astype(np.float64))), 4) for k, v in logits.items()}}
         print("FOLD", json.dumps(row), flush=True)
         rows_out.append(row)
         return out
