@@ -38,7 +38,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from mammo_core import config
 
@@ -129,6 +129,17 @@ def sha256_hex(data: bytes) -> str:
     """Lower-case hex SHA-256 of `data`, the form `record` expects for `file_sha256`."""
     return hashlib.sha256(data).hexdigest()
 
+
+
+def rows_to_csv(rows: Iterable[Sequence[Any]]) -> str:
+    """Audit rows (in `COLUMNS` order) as CSV text with a header line, each cell made formula-safe; shared
+    by the SQLite and PostgreSQL stores."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow([_csv_safe(value) for value in tuple(row)])
+    return buffer.getvalue()
 
 class AuditLog:
     """The audit log in one SQLite file; safe to share between threads and processes.
@@ -251,13 +262,8 @@ class AuditLog:
     def to_csv(self, *, user: str | None = None) -> str:
         """Every row (of `user` only, when given), oldest first, as CSV text with a header line."""
         where, args = ("WHERE user = ?", (str(user),)) if user is not None else ("", ())
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(COLUMNS)
         with self._connect() as conn:
-            for row in conn.execute(f"SELECT {', '.join(COLUMNS)} FROM scores {where} ORDER BY id", args):
-                writer.writerow([_csv_safe(value) for value in tuple(row)])
-        return buffer.getvalue()
+            return rows_to_csv(conn.execute(f"SELECT {', '.join(COLUMNS)} FROM scores {where} ORDER BY id", args))
 
     def __len__(self) -> int:
         with self._connect() as conn:

@@ -15,8 +15,6 @@ the rows still waiting. Messages never contain the password.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import threading
 from collections import deque
@@ -24,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mammo_core.errors import MammoError
-from mammo_core.store.audit import COLUMNS, _csv_safe, keep_file_names_default, new_row
+from mammo_core.store.audit import COLUMNS, keep_file_names_default, new_row, rows_to_csv
 
 #: Newest schema version; `_MIGRATIONS[v]` brings a database from version v to v + 1.
 SCHEMA_VERSION = 2
@@ -197,14 +195,9 @@ class PostgresAuditLog:
 
     def to_csv(self, *, user: str | None = None) -> str:
         where, args = ('WHERE "user" = %s', (str(user),)) if user is not None else ("", ())
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(COLUMNS)
         with self._cursor() as cur:
             cur.execute(f"SELECT {_COLS} FROM scores {where} ORDER BY id", args)
-            for row in cur:
-                writer.writerow([_csv_safe(value) for value in row])
-        return buffer.getvalue()
+            return rows_to_csv(cur)
 
     def __len__(self) -> int:
         with self._cursor() as cur:
