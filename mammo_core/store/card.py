@@ -56,6 +56,7 @@ class CardSchema:
     cross_validation_patient: dict | None = None
     ensemble: dict | None = None
     ood: dict | None = None
+    storage: dict | None = None  # how model.keras stores its weights when not plain float32 (store.compact)
     config: dict | None = field(default=None)
 
 
@@ -67,7 +68,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "architecture_description": (str,), "parameters": (int,), "preprocessing": (str,), "cam_layer": (str,),
     "calibration": (dict,), "operating_points": (list,), "metrics_uncalibrated": (dict,),
     "cross_validation": (dict,), "cross_validation_patient": (dict,), "ensemble": (dict,), "ood": (dict,),
-    "config": (dict,),
+    "storage": (dict,), "config": (dict,),
 }
 
 

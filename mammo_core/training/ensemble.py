@@ -21,6 +21,7 @@ from mammo_core.data.datasets import portable_paths, scan_dataset
 from mammo_core.evaluation.calibration import UNCALIBRATED_COLUMN, brier, operating_points
 from mammo_core.evaluation.metrics import compute_metrics
 from mammo_core.store.card import card_head
+from mammo_core.store.compact import STORAGE_NOTE, save_compact
 from mammo_core.store.files import sha256_file
 
 #: Fraction of the held-out fold's images that the out-of-distribution threshold lets through.
@@ -55,7 +56,7 @@ def train_ensemble_into(config: Any, out: Path, log: Callable[[str], None] = pri
     ood = _fit_ood(trainer, oof["fold"].to_numpy() == 0)
 
     model = finetune.build_ensemble(trainer.members, recipe.cut, ood["whiten"])
-    model.save(out / MODEL_FILE)
+    save_compact(model, out / MODEL_FILE)  # kernels in float16: half the file (store.compact)
     table = _oof_table(oof, data_root)
     table.to_csv(out / PREDICTIONS_FILE, index=False)
     pd.DataFrame(results["folds"]).to_csv(out / HISTORY_FILE, index=False)
@@ -114,6 +115,7 @@ def _card(config: Any, model: Any, frame: pd.DataFrame, recipe: Any, trainer: An
                 "threshold": ood["threshold"],
                 "threshold_rule": f"{OOD_PASS_RATE:.0%} of the {int(held_out.sum())} images of held-out fold 0 pass"},
         "cam_layer": finetune.TRUNK_NAME,
+        "storage": {"weights": STORAGE_NOTE},
         "threshold": DEFAULT_THRESHOLD,
         "calibration": {"method": "temperature per member", "temperatures": temperatures,
                         "computed_on": "each member's validation part (25 % of its training folds' groups)",
