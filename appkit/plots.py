@@ -87,6 +87,31 @@ def image_triplet_figure(original: np.ndarray, model_input: np.ndarray, overlaid
     return fig
 
 
+def outlined(pixels: np.ndarray, outline: np.ndarray | None, *, colour: tuple[int, int, int] = (0, 229, 255),
+             width: int | None = None) -> np.ndarray:
+    """An RGB copy of a uint8 image with the (row, col) outline drawn as a closed line (the static panel's
+    counterpart of the figure's outline trace)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.fromarray(pixels).convert("RGB")
+    if outline is not None and len(outline) > 1:
+        points = [(float(c), float(r)) for r, c in outline]
+        ImageDraw.Draw(image).line(points + points[:1], fill=colour,
+                                   width=width or max(1, round(max(image.size) / 400)))
+    return np.asarray(image)
+
+
+def colour_bar(floor: float, *, width: int = 256, height: int = 14) -> np.ndarray:
+    """A horizontal strip of the overlay's jet map: grey below `floor` (nothing is drawn there), the
+    map over [floor, 1] (as `explain.overlay` colours it), as an RGB uint8 array."""
+    from mammo_core.inference.explain import jet_lut
+
+    x = np.linspace(0.0, 1.0, width)
+    rgb = jet_lut()[np.clip((x * 255).round().astype(int), 0, 255)]
+    rgb[x < floor] = 0.5
+    return np.repeat((rgb * 255).astype(np.uint8)[None], height, axis=0)
+
+
 def roc_figure(curves: Iterable[dict[str, Any]], *, threshold: float) -> Any:
     """ROC curves, one per model: dicts with label, fpr, tpr, auc and `point` = (fpr, tpr) at `threshold`."""
     import plotly.graph_objects as go

@@ -626,6 +626,24 @@ def for_session(pred: Any) -> Any:
     return pred
 
 
+def drop_uploaded_files(files: list[Any]) -> int:
+    """Free the server's copy of uploaded files once they are scored; returns how many were dropped.
+
+    Streamlit keeps an uploader's bytes in memory until the user removes the file in the browser or the
+    session ends (4 sessions x 10 large PNGs: ~190 MB). Review keeps only display-size results, so it
+    drops the bytes as `st.chat_input` does with its own files (the same call, the same manager check).
+    """
+    from streamlit.runtime.memory_uploaded_file_manager import MemoryUploadedFileManager
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    if ctx is None or not isinstance(ctx.uploaded_file_mgr, MemoryUploadedFileManager):
+        return 0
+    for f in files:
+        ctx.uploaded_file_mgr.remove_file(session_id=ctx.session_id, file_id=f.file_id)
+    return len(files)
+
+
 # --- sign-in and roles --------------------------------------------------------------------------------
 
 

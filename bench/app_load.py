@@ -3,7 +3,8 @@
 A. load: N concurrent browser sessions (headless Chromium pages, each its own Streamlit session) each
    upload M dataset test images one after another on Review, as fast as the app answers. Per upload:
    seconds from handing the file to the uploader to the worklist counting it, the probability and the
-   Plotly overlay drawn and the app idle. p50/p95 over all uploads, and the server's RSS before, at
+   three image panels drawn (Review's default, plain images; the Plotly figure is on request) and the
+   app idle. p50/p95 over all uploads, and the server's RSS before, at
    peak and after the sessions close.
 B. memory: S sessions each upload U large PNGs (default 8000 x 10000 grayscale, 80 MP, a breast-like
    shape; decoded reduced to <= 4096 px by `mammo_core.io.images`). Server RSS idle, at peak, after the
@@ -51,7 +52,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 UPLOADER = "[data-testid=stFileUploaderDropzoneInput]"
 MB = 1024 * 1024
 
-# Done when the worklist counts the k-th file (the script scored it), the probability and the figure are
+# Done when the worklist counts the k-th file (the script scored it), the probability and the panels are
 # on the page and no script run is in progress; or when an error names a file that could not be scored.
 _DONE_JS = """
 (k) => {
@@ -60,14 +61,15 @@ _DONE_JS = """
     return 'error';
   if (!heads.some(t => t.includes('Worklist (' + k + ' scored'))) return false;
   if (![...document.querySelectorAll('[data-testid=stMetric]')].some(e => e.textContent.includes('%s'))) return false;
-  if (!document.querySelector('.js-plotly-plot')) return false;
+  const imgs = [...document.querySelectorAll('[data-testid=stImage] img')];
+  if (imgs.length < 3 || !imgs.every(i => i.complete && i.naturalWidth > 0)) return false;
   return document.querySelector('[data-testid=stStatusWidget]') ? false : 'ok';
 }
 """ % PROBABILITY
 
 
 # The server's answer has reached the page: the worklist counts the k-th file, or an error is shown
-# (the figure may still be rendering).
+# (the panels may still be rendering).
 _LISTED_JS = """
 (k) => [...document.querySelectorAll('[data-testid=stHeading]')].some(e => e.textContent.includes('Worklist (' + k + ' scored'))
   || [...document.querySelectorAll('[data-testid=stAlertContainer]')].some(e => e.textContent.includes('could not be scored'))

@@ -1,9 +1,10 @@
 """Review page: upload mammograms, get the probability of malignancy, the decision at a threshold and
-a Grad-CAM overlay; a triage worklist of the batch; every scored image goes to the audit log once per
-model (at the threshold in use when it was first scored; moving the threshold is not logged).
+a Grad-CAM overlay; a triage worklist of the session's images; every scored image goes to the audit log
+once per model (at the threshold in use when it was first scored; moving the threshold is not logged).
 
-Uploaded bytes stay in memory. Predictions are cached in the session per (file sha256, model), so
-moving the threshold or the opacity never re-runs the model. The uploader takes any file: whether it
+Uploads are read in memory, never written to disk; once scored, the server's copy of the file is
+dropped and the uploader emptied. The session keeps display-size predictions per (file sha256, model):
+the worklist, so moving the threshold or the opacity never re-runs the model. The uploader takes any file: whether it
 is an image the model can read is for `mammo_core.imaging` to say, with its message.
 """
 
@@ -22,18 +23,27 @@ from mammo_core.errors import ModelDirError
 
 shared.setup("Review")
 
-CACHE_KEY = "review_predictions"
-CACHE_LIMIT = 48  # predictions kept (with their decoded images); the current batch is never evicted
+CACHE_KEY = "review_predictions"  # (file sha256, model) -> display-size Prediction: the session's worklist
+CACHE_LIMIT = 48  # predictions kept; the oldest go first, the batch just uploaded never
+UPLOADER_GEN = "review_uploader_gen"  # part of the uploader's key: a new key is an empty uploader
+FAILED_KEY = "review_failed"  # [(file name, reason)] of the last upload that could not be scored
+RELEASE_KEY = "review_release"  # set when the run that scored ended in a rerun: the next run trims
 SCORED_THIS_RUN: list[int] = []  # images scored by this run of the page (each run executes the file anew)
+
+
+def _model_key(predictor) -> str:
+    return predictor.model_sha256 or predictor.name
 
 
 def score_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[str, object]]:
     """Predictions for (name, bytes) uploads, in order, scoring only what this session has not
-    scored with this model before. Shows a progress bar for a multi-file batch."""
+    scored with this model before; the readable ones join the session's worklist (the cache).
+    Shows a progress bar for a multi-file batch."""
     cache: OrderedDict = st.session_state.setdefault(CACHE_KEY, OrderedDict())
-    model_key = predictor.model_sha256 or predictor.name
+    model_key = _model_key(predictor)
     keys = [(hashlib.sha256(data).hexdigest(), model_key) for _, data in uploads]
     todo = [(i, key) for i, key in enumerate(keys) if key not in cache]
+    fresh: dict = {}
     if todo:
         bar = st.progress(0.0, text=f"Scoring {len(todo)} image(s)…") if len(todo) > 1 else None
 
@@ -44,7 +54,9 @@ def score_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[str
         with st.spinner("Scoring…") if bar is None else contextlib.nullcontext():
             items = [(uploads[i][1], uploads[i][0]) for i, _ in todo]
             for (i, key), pred in zip(todo, predictor.score_many(items, with_cam=True, batch_size=8, progress=progress)):
-                cache[key] = shared.for_session(pred)  # display-size pixels only in session state
+                fresh[key] = shared.for_session(pred)  # display-size pixels only in session state
+                if pred.error is None:
+                    cache[key] = fresh[key]
         if bar is not None:
             bar.empty()
         SCORED_THIS_RUN.append(len(todo))
@@ -54,7 +66,31 @@ def score_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[str
             break
         if key not in current:
             del cache[key]
-    return [(name, cache[key]) for (name, _), key in zip(uploads, keys)]
+    return [(name, fresh.get(key) or cache[key]) for (name, _), key in zip(uploads, keys)]
+
+
+def add_uploads(predictor, uploads: list[Any]) -> None:
+    """Score the uploaded files into the worklist, note the unreadable ones, then free the files' bytes
+    and start the page again with an empty uploader (the worklist stays; more files add to it)."""
+    results = score_uploads(predictor, [(f.name, f.getvalue()) for f in uploads])
+    st.session_state[FAILED_KEY] = [(name, pred.error.removeprefix(f"{name}: ")) for name, pred in results
+                                    if pred.error is not None]  # the message already names the file
+    del results
+    shared.drop_uploaded_files(uploads)
+    st.session_state[UPLOADER_GEN] = st.session_state.get(UPLOADER_GEN, 0) + 1
+    st.session_state[RELEASE_KEY] = True
+    st.rerun()
+
+
+def worklist_items(predictor) -> list[tuple[str, Any]]:
+    """The session's scored images for this model, oldest first: [(file name, prediction)]."""
+    cache: OrderedDict = st.session_state.get(CACHE_KEY) or OrderedDict()
+    model_key = _model_key(predictor)
+    other = sum(1 for key in cache if key[1] != model_key)
+    if other:
+        st.caption(f"{other} image(s) of this session were scored with another model; upload them again to score "
+                   "them with this one.")
+    return [(pred.name, pred) for key, pred in cache.items() if key[1] == model_key]
 
 
 @st.cache_resource(show_spinner=False)
@@ -106,7 +142,6 @@ def audit_section(log) -> None:
             return
         try:
             recent = log.recent(limit=50)
-            csv_text = log.to_csv()
         except Exception as exc:  # noqa: BLE001
             st.warning(f"Could not read the audit log ({exc}).")
             return
@@ -116,7 +151,7 @@ def audit_section(log) -> None:
             st.caption("No entries yet.")
         full = getattr(log, "all_users", True)
         st.download_button("Download the full audit log (CSV)" if full else "Download your audit entries (CSV)",
-                           csv_text, file_name="audit_log.csv" if full else "my_audit_entries.csv", mime="text/csv",
+                           log.to_csv, file_name="audit_log.csv" if full else "my_audit_entries.csv", mime="text/csv",
                            key="audit_csv")
 
 
@@ -228,18 +263,24 @@ def main() -> None:
         return
 
     uploads = st.file_uploader("Mammograms, one or many: PNG, JPEG, TIFF, BMP or DICOM (a DICOM file may have no "
-                               "extension, e.g. IM00001)", type=None, accept_multiple_files=True, key="review_uploads")
+                               "extension, e.g. IM00001). Scored images join the worklist below; the files "
+                               "themselves are not kept.", type=None, accept_multiple_files=True,
+                               key=f"review_uploads::{st.session_state.get(UPLOADER_GEN, 0)}")
     log = _audit_log()
-    if not uploads:
+    if uploads:
+        add_uploads(predictor, uploads)  # ends this run: the page starts again with the worklist
+    for fname, reason in st.session_state.get(FAILED_KEY, []):
+        st.error(f"{shared.plain(fname)} could not be scored: {shared.plain(reason)}")
+    scored = worklist_items(predictor)
+    if not scored:
         st.info("Upload one or more images to score them.")
         audit_section(log)
         return
-    ok, rows = score_and_record(predictor, [(f.name, f.getvalue()) for f in uploads], threshold, log)
-    if ok:
-        fname, pred, decision, row_id = ok[worklist(ok, rows)]
-        show_prediction(fname, pred, decision, threshold, alpha, floor)
-        if row_id is not None and log is not None:
-            note_input(log, row_id)
+    ok, rows = record_and_rows(predictor, scored, threshold, log)
+    fname, pred, decision, row_id = ok[worklist(ok, rows)]
+    show_prediction(fname, pred, decision, threshold, alpha, floor)
+    if row_id is not None and log is not None:
+        note_input(log, row_id)
     audit_section(log)
 
 
@@ -265,18 +306,14 @@ def display_controls(card: dict, name: str) -> tuple[float, float, float]:
     return threshold, alpha, floor
 
 
-def score_and_record(predictor, named: list[tuple[str, bytes]], threshold: float, log: Any
-                     ) -> tuple[list[tuple[str, Any, str, Any]], list[dict[str, Any]]]:
-    """Score the uploads, say which could not be read, record the others in the audit log.
+def record_and_rows(predictor, scored: list[tuple[str, Any]], threshold: float, log: Any
+                    ) -> tuple[list[tuple[str, Any, str, Any]], list[dict[str, Any]]]:
+    """Decide each scored image at `threshold` and record it in the audit log (once per image and model).
 
-    Returns ([(file name, prediction, decision, audit row id)], [worklist row]) for the scored images.
+    Returns ([(file name, prediction, decision, audit row id)], [worklist row]).
     """
     ok, rows = [], []
-    for fname, pred in score_uploads(predictor, named):
-        if pred.error is not None:
-            reason = pred.error.removeprefix(f"{fname}: ")  # the message already names the file
-            st.error(f"{shared.plain(fname)} could not be scored: {shared.plain(reason)}")
-            continue
+    for fname, pred in scored:
         decision = predictor.decision(pred.probability, threshold)
         row_id = record_in_audit(log, predictor, pred, threshold, decision)
         ok.append((fname, pred, decision, row_id))
@@ -297,8 +334,14 @@ def worklist(ok: list[tuple[str, Any, str, Any]], rows: list[dict[str, Any]]) ->
     st.dataframe(table, hide_index=True, column_config={
         "probability": st.column_config.ProgressColumn("probability of malignancy", format="%.3f",
                                                        min_value=0.0, max_value=1.0)})
-    st.download_button("Download the worklist (CSV)", table.to_csv(index=False), file_name="worklist.csv",
-                       mime="text/csv", key="worklist_csv")
+    left, right = st.columns([1, 1])
+    left.download_button("Download the worklist (CSV)", table.to_csv(index=False), file_name="worklist.csv",
+                         mime="text/csv", key="worklist_csv")
+    if right.button("Clear the worklist", key="worklist_clear", help="Forget this session's scored images "
+                    "(the audit log keeps its records)."):
+        st.session_state.pop(CACHE_KEY, None)
+        st.session_state.pop(FAILED_KEY, None)
+        st.rerun()
     if len(ok) == 1:
         return 0
     return st.selectbox("Image to inspect", order, key="review_pick",
@@ -322,7 +365,7 @@ def show_prediction(fname: str, pred, decision: str, threshold: float, alpha: fl
     """Probability (with the ensemble members' range), decision, warnings, and three panels: the original
     with the breast outline, the model's own input, the Grad-CAM overlay on the original."""
     from mammo_core.inference.explain import overlay
-    from appkit.plots import fit_for_display, image_triplet_figure
+    from appkit.plots import fit_for_display
 
     st.subheader(shared.plain(fname))
     for warning in pred.warnings:
@@ -341,11 +384,41 @@ def show_prediction(fname: str, pred, decision: str, threshold: float, alpha: fl
                    "was trained on different source images; a wide range means they disagree. It is not a "
                    "confidence interval for this patient.")
     pixels = fit_for_display(pred.image.pixels)
-    ph, pw = pixels.shape
     model_view = pred.model_input if pred.model_input is not None else fit_for_display(pred.image.pixels, 224)
-    heat = pred.heatmap_on_original(pixels.shape)
-    fig = image_triplet_figure(pixels, model_view, overlay(pixels, heat, alpha=alpha, floor=floor),
-                               outline=pred.outline_on(pixels.shape), height=int(min(640, max(360, 420 * ph / pw))))
+    overlaid = overlay(pixels, pred.heatmap_on_original(pixels.shape), alpha=alpha, floor=floor)
+    outline = pred.outline_on(pixels.shape)
+    if st.toggle("Zoom and pan", key="review_zoom",
+                 help="Draw the panels as an interactive chart: drag to zoom, the original and the Grad-CAM "
+                      "follow each other. The browser loads a charting library the first time (a few MB)."):
+        interactive_panels(pixels, model_view, overlaid, outline, floor)
+    else:
+        static_panels(pixels, model_view, overlaid, outline, floor)
+
+
+def static_panels(pixels, model_view, overlaid, outline, floor: float) -> None:
+    """The three panels as plain images (no charting library in the browser): quick to draw anywhere; each
+    opens full screen from its corner button."""
+    from appkit.plots import colour_bar, outlined
+
+    cols = st.columns([2, 1, 2])
+    cols[0].image(outlined(pixels, outline), caption="Original, breast outlined", width="stretch", output_format="PNG")
+    cols[1].image(model_view, caption="What the model saw", width="stretch", output_format="PNG")
+    cols[2].image(overlaid, caption="Grad-CAM on the original", width="stretch", output_format="PNG")
+    cols[2].image(colour_bar(floor), caption=f"Grad-CAM scale: 0 (left) to its peak (right); grey below {floor:.0%} "
+                  "is not drawn", width="stretch", output_format="PNG")
+    st.caption("Left: the original with the breast the model found. Middle: the model's own input (cropped, "
+               "chest wall to the left, intensities normalised). Right: Grad-CAM drawn back onto the original. "
+               "Grad-CAM shows where the network responded; it is not a lesion outline. Turn on *Zoom and pan* "
+               "to inspect details side by side.")
+
+
+def interactive_panels(pixels, model_view, overlaid, outline, floor: float) -> None:
+    """The three panels as one Plotly figure whose original and Grad-CAM panels zoom together."""
+    from appkit.plots import image_triplet_figure
+
+    ph, pw = pixels.shape
+    fig = image_triplet_figure(pixels, model_view, overlaid, outline=outline,
+                               height=int(min(640, max(360, 420 * ph / pw))))
     add_colour_bar(fig, floor)
     st.plotly_chart(fig, key="review_figure",
                     config={"scrollZoom": True, "displaylogo": False})
@@ -360,8 +433,10 @@ def add_colour_bar(fig, floor: float) -> None:
     drawn range [floor, 1] (Plotly images have no colour bar of their own)."""
     import plotly.graph_objects as go
 
+    from mammo_core.inference.explain import JET_STOPS
+
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", hoverinfo="skip", showlegend=False,
-                             marker=dict(colorscale="Jet", cmin=0.0, cmax=1.0, color=[floor], showscale=True,
+                             marker=dict(colorscale=JET_STOPS, cmin=0.0, cmax=1.0, color=[floor], showscale=True,
                                          colorbar=dict(title=dict(text=f"Grad-CAM (drawn ≥ {floor:.0%})", side="right"),
                                                        thickness=12, len=0.9, tickvals=sorted({0.0, round(floor, 2), 1.0}),
                                                        tickformat=".0%"))),
@@ -369,7 +444,7 @@ def add_colour_bar(fig, floor: float) -> None:
 
 
 main()
-if SCORED_THIS_RUN:
+if SCORED_THIS_RUN or st.session_state.pop(RELEASE_KEY, False):
     # The run's full-size decodes, overlays and figure are garbage now; glibc would keep their heap
     # (80-megapixel uploads from 4 sessions left the server 1 GB above idle).
     shared.release_freed_memory()

@@ -119,19 +119,36 @@ def test_review_scores_uploads_and_threshold_does_not_rescore(app_env, tiny_weig
         return original(self, items, **kwargs)
 
     monkeypatch.setattr(Predictor, "score_many", counting)
+    from streamlit.runtime.memory_uploaded_file_manager import MemoryUploadedFileManager
+
+    held: dict[str, int] = {}  # the file manager's files: id -> bytes
+    add, remove = MemoryUploadedFileManager.add_file, MemoryUploadedFileManager.remove_file
+    monkeypatch.setattr(MemoryUploadedFileManager, "add_file",
+                        lambda self, sid, rec: (held.__setitem__(rec.file_id, len(rec.data)), add(self, sid, rec))[1])
+    monkeypatch.setattr(MemoryUploadedFileManager, "remove_file",
+                        lambda self, session_id, file_id: (held.pop(file_id, None),
+                                                          remove(self, session_id, file_id))[1])
     at = start("review")
     at.file_uploader[0].set_value([("scan.png", sample_png, "image/png"),
                                    ("broken.dcm", b"not an image at all", "application/dicom")]).run()
     no_exception(at)
+    assert not held, "the uploaded files' bytes are still held after scoring"
     prob = float(metric(at, "Probability of malignancy"))
     assert 0.0 <= prob <= 1.0
     assert metric(at, "Decision at threshold 0.50") == ("malignant" if prob >= 0.5 else "benign")
+    # by default the panels are plain images: original (outlined), model input, Grad-CAM, its colour scale
+    assert not at.get("plotly_chart")
+    captions = [c for img in at.get("image") for c in img.captions]
+    assert captions[:3] == ["Original, breast outlined", "What the model saw", "Grad-CAM on the original"]
+    assert captions[3].startswith("Grad-CAM scale")
+    at.toggle(key="review_zoom").set_value(True).run()  # the interactive figure, zoom linked
     charts = at.get("plotly_chart")
-    assert len(charts) == 1  # original, model input, Grad-CAM on the original
+    assert len(charts) == 1 and not at.get("image")
     import json as _json
 
     traces = _json.loads(charts[0].proto.spec)["data"]
     assert [t["type"] for t in traces][:3] == ["image", "image", "image"]
+    at.toggle(key="review_zoom").set_value(False).run()
     assert any("broken.dcm" in e.value and "could not be scored" in e.value for e in at.error)
     worklist = at.dataframe[0].value
     assert list(worklist.columns) == ["file", "probability", "decision", "check", "threshold", "model"]
@@ -153,8 +170,12 @@ def test_review_scores_uploads_and_threshold_does_not_rescore(app_env, tiny_weig
     # One row per scored image and model, at the threshold it was first shown with; views at other thresholds are not scores.
     assert [(r["file_name"], r["threshold"], r["decision"]) for r in rows] == [
         ("scan.png", 0.5, "malignant" if prob >= 0.5 else "benign")]
+    # the uploader was emptied and the file's bytes dropped after scoring: another model needs the file again
+    assert not at.file_uploader[0].value
     at.sidebar.selectbox[0].set_value("tiny-paper").run()
     no_exception(at)
+    assert any("scored with another model; upload them again" in c.value for c in at.caption)
+    at.file_uploader[0].set_value([("scan.png", sample_png, "image/png")]).run()
     assert [r["model_name"] for r in AuditLog(default_audit_path()).recent()] == ["tiny-paper", "tiny-grouped"]
     at.sidebar.selectbox[0].set_value("tiny-grouped").run()
     at.text_input[0].input("second reader agrees").run()

@@ -157,8 +157,9 @@ def test_bench_png_variant_changes_the_bytes_not_the_pixels(tmp_path):
 
 def test_review_returns_the_heap_after_the_run_that_scored(app_env, tiny_weights, sample_png, monkeypatch,  # noqa: F811
                                                             fresh_model_cache):
-    """The heap is trimmed once the run that scored an upload has drawn its figure (the full-size decode,
-    the overlay and the figure are all garbage by then), and not on runs that score nothing."""
+    """The heap is trimmed once the upload has been scored and its panels drawn (the run that scored ends
+    by starting the page again with an empty uploader; that next run trims, when the full-size decode is
+    garbage), and not on runs that score nothing."""
     import ctypes
 
     from appkit import plots
@@ -170,24 +171,24 @@ def test_review_returns_the_heap_after_the_run_that_scored(app_env, tiny_weights
             events.append("trim")
             return 1
 
-    figure = plots.image_triplet_figure
+    outlined = plots.outlined
 
-    def recording_figure(*args, **kwargs):
-        events.append("figure")
-        return figure(*args, **kwargs)
+    def recording_panels(*args, **kwargs):
+        events.append("panels")
+        return outlined(*args, **kwargs)
 
     monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: FakeLibc())
-    monkeypatch.setattr(plots, "image_triplet_figure", recording_figure)
+    monkeypatch.setattr(plots, "outlined", recording_panels)
     app_env(tiny_weights)
     at = start("review")
     events.clear()  # the model load trims too
     at.file_uploader[0].set_value([("scan.png", sample_png, "image/png")]).run()
     no_exception(at)
-    assert events == ["figure", "trim"]
+    assert events == ["panels", "trim"]
     events.clear()
     at.slider[0].set_value(0.3).run()  # a rerun that scores nothing
     no_exception(at)
-    assert events == ["figure"]
+    assert events == ["panels"]
 
 
 def test_releasing_memory_forks_no_process(monkeypatch, fresh_model_cache):

@@ -15,6 +15,7 @@ models.png. Skipped, with the reason, when Chromium or Playwright is missing.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import signal
@@ -221,6 +222,15 @@ def test_review_upload_and_models_activation_in_a_real_browser(server, browser, 
     label = page.locator("[data-testid=stMetric]", has_text="Probability of malignancy")
     value = label.locator("[data-testid=stMetricValue]").inner_text()
     page.locator("[data-testid=stAlertContentError]", has_text="broken.dcm").wait_for()
+    # the panels come as plain images first (no charting library to load), each image decoded by the browser
+    page.locator("[data-testid=stImage] img").nth(3).wait_for()
+    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=stImage] img')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    captions = page.locator("[data-testid=stImageCaption]").all_inner_texts()
+    assert captions[:3] == ["Original, breast outlined", "What the model saw", "Grad-CAM on the original"], captions
+    assert not page.locator(".js-plotly-plot").count()
+    _screenshot(page, artifacts_dir / "review_static.png")
+    page.get_by_test_id("stCheckbox").get_by_text("Zoom and pan").click()  # the interactive figure on request
     page.locator(".js-plotly-plot").first.wait_for()
     time.sleep(1)  # let the figure finish drawing before the screenshot
     _screenshot(page, artifacts_dir / "review.png")
@@ -230,6 +240,14 @@ def test_review_upload_and_models_activation_in_a_real_browser(server, browser, 
     assert page.locator(".js-plotly-plot .colorbar").count() == 1  # the Grad-CAM scale
     assert re.fullmatch(r"[01]\.\d{3}", value.strip()), value
     assert not page.evaluate(CLIPPED_JS)
+
+    # the audit CSV is built when its button is clicked (not on every run), and what arrives is the log
+    page.get_by_text("Audit log (recent entries)").click()
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download the full audit log (CSV)").click()
+    csv_lines = Path(download.value.path()).read_text().splitlines()
+    assert "file_sha256" in csv_lines[0] and len(csv_lines) == 2, csv_lines[:3]
+    assert hashlib.sha256(sample_png).hexdigest() in csv_lines[1]
 
     # Models: the leaky paper-split model needs a confirmation before it becomes the default; then back.
     page.goto(url + "/Models")
