@@ -3,8 +3,9 @@
 Its probability is the mean of the members' calibrated probabilities; the interval is their range
 (lowest to highest member): how much models trained on different 80 % of the source images disagree,
 not a confidence interval for the patient. Grad-CAM is taken for the mean of the members' logits, on
-the trunk's output that all members share (14x14 for the block5a and block6a cuts). Training it is
-`training.ensemble`.
+the trunk's output that all members share (14x14 for the block5a and block6a cuts). Optional test-time
+augmentation (`tta="dihedral8"`, issue 12) averages each member's logits over the 8 flips and 90° rotations
+of the input, in the same single call. Training it is `training.ensemble`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,47 @@ from mammo_core.config import IMAGE_SIZE
 PRECISIONS = ("auto", "float32", "bfloat16")
 #: Environment variable that overrides the scorer's precision (for the bench and for trials).
 PRECISION_ENV = "MAMMO_SCORING_PRECISION"
+
+#: Test-time augmentation: "none" (the default: the plain view only) or "dihedral8" (the 8 views below).
+TTA_MODES = ("none", "dihedral8")
+#: The 8 views of the dihedral group of the square, as in experiments/tta_check.py (VIEWS there; "identity" is
+#: its "plain"): name -> (transpose rows and columns first, then flip the rows (upside down), then flip the
+#: columns (left-right)). rot90 and rot270 are `np.rot90(x, 1)` and `np.rot90(x, 3)` on each image.
+DIHEDRAL8: dict[str, tuple[bool, bool, bool]] = {
+    "identity": (False, False, False),
+    "vflip": (False, True, False),
+    "hflip": (False, False, True),
+    "hvflip": (False, True, True),
+    "rot90": (True, True, False),
+    "rot270": (True, False, True),
+    "transpose": (True, False, False),
+    "antitranspose": (True, True, True),
+}
+#: With test-time augmentation, `EnsembleScorer` passes at most this many images (8x as many views) to each
+#: compiled call: peak memory as a plain batch of 64 (about 3 GB on the shipped model; 64 images at once,
+#: 512 views, took 8 GB).
+TTA_IMAGES_PER_CALL = 8
+
+
+def check_tta(tta: str | None) -> str:
+    """The test-time augmentation name, checked: None -> "none"; a name not in `TTA_MODES` raises ValueError."""
+    tta = tta or "none"
+    if tta not in TTA_MODES:
+        raise ValueError(f"test-time augmentation must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    return tta
+
+
+def dihedral_views(images: Any) -> Any:
+    """(N, H, W, C) tensor -> (8N, H, W, C): the `DIHEDRAL8` views stacked view by view (the first N rows are
+    the images themselves). Images must be square."""
+    import tensorflow as tf
+
+    views = []
+    for transpose, flip_rows, flip_cols in DIHEDRAL8.values():
+        x = tf.transpose(images, [0, 2, 1, 3]) if transpose else images
+        axes = [axis for axis, flip in ((1, flip_rows), (2, flip_cols)) if flip]
+        views.append(tf.reverse(x, axes) if axes else x)
+    return tf.concat(views, axis=0)
 
 
 def frozen_function(fn: Any, *, bfloat16: bool = False, tag: str = "scoring") -> Any:
@@ -83,10 +125,17 @@ class EnsembleScorer:
     pass goes through the members only and stops at the trunk's output (the Grad-CAM layer). Each call
     is frozen (`frozen_function`: weights as constants, BatchNorm folded) on first use; `frozen=False`
     keeps the plain traced functions (the reference the tests compare with).
+
+    `tta="dihedral8"`: the 8 `DIHEDRAL8` views of each image go through the trunk and the members in the same
+    call (a batch of 8N); each member's logit is the mean of its 8 logits, then goes through that member's
+    temperature and the sigmoid as without augmentation (averaging logits, as experiments/tta_check.py did).
+    The out-of-distribution distance and the Grad-CAM map are those of the plain (identity) view only, the
+    same as without augmentation. About 8x the arithmetic of `tta="none"`, the default. Calls take at most
+    `TTA_IMAGES_PER_CALL` images each (larger inputs are split), to bound memory.
     """
 
     def __init__(self, model: Any, card: dict[str, Any], *, precision: str | None = None,
-                 frozen: bool = True) -> None:
+                 frozen: bool = True, tta: str | None = "none") -> None:
         import threading
 
         import tensorflow as tf
@@ -104,11 +153,13 @@ class EnsembleScorer:
 
             raise ModelDirError(f"model card lists {len(temps)} member temperatures for {k} members; retrain the model.")
         self.temperatures = np.asarray(temps, dtype=np.float64)
+        self.tta = check_tta(tta)
         self.precision = resolve_precision(precision)
         self.frozen = frozen or self.precision == "bfloat16"
         spec = [tf.TensorSpec((None, IMAGE_SIZE, IMAGE_SIZE, 1), tf.float32)]
-        self._plain = tf.function(self._forward, input_signature=spec)
-        self._with_cam = tf.function(self._forward_cam, input_signature=spec)
+        augmented = self.tta == "dihedral8"
+        self._plain = tf.function(self._forward_tta if augmented else self._forward, input_signature=spec)
+        self._with_cam = tf.function(self._forward_tta_cam if augmented else self._forward_cam, input_signature=spec)
         self._compiled: dict[bool, Any] = {}
         self._lock = threading.Lock()
 
@@ -135,6 +186,33 @@ class EnsembleScorer:
         grads = tape.gradient(total, features)
         return logits, self._ood(features), cam_from_gradients(features, grads, (IMAGE_SIZE, IMAGE_SIZE))
 
+    def _forward_tta(self, images):
+        import tensorflow as tf
+
+        n, views = tf.shape(images)[0], len(DIHEDRAL8)
+        features = self.trunk(dihedral_views(images), training=False)
+        logits = self.members(features, training=False)  # (8N, k), view by view
+        logits = tf.reduce_mean(tf.reshape(logits, [views, n, -1]), axis=0)
+        return logits, self._ood(features[:n])
+
+    def _forward_tta_cam(self, images):
+        import tensorflow as tf
+
+        from mammo_core.inference.explain import cam_from_gradients
+
+        n, views = tf.shape(images)[0], len(DIHEDRAL8)
+        features = tf.stop_gradient(self.trunk(dihedral_views(images), training=False))
+        plain = features[:n]
+        # Grad-CAM of the plain view's mean logit, exactly as without augmentation
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(plain)
+            plain_logits = self.members(plain, training=False)
+            total = tf.reduce_sum(tf.reduce_mean(plain_logits, axis=-1))
+        grads = tape.gradient(total, plain)
+        others = tf.reshape(self.members(features[n:], training=False), [views - 1, n, -1])
+        logits = tf.reduce_mean(tf.concat([plain_logits[None], others], axis=0), axis=0)
+        return logits, self._ood(plain), cam_from_gradients(plain, grads, (IMAGE_SIZE, IMAGE_SIZE))
+
     def function(self, with_cam: bool) -> Any:
         """The compiled call used for `with_cam` (frozen on first use unless `frozen=False`)."""
         traced = self._with_cam if with_cam else self._plain
@@ -155,9 +233,15 @@ class EnsembleScorer:
         from scipy.special import expit
 
         batch = np.asarray(images, dtype=np.float32)[..., None] / 255.0
-        out = self.function(with_cam)(tf.constant(batch))
+        fn = self.function(with_cam)
+        if self.tta == "none" or len(batch) <= TTA_IMAGES_PER_CALL:
+            out = [t.numpy() for t in fn(tf.constant(batch))]
+        else:
+            parts = [[t.numpy() for t in fn(tf.constant(batch[i:i + TTA_IMAGES_PER_CALL]))]
+                     for i in range(0, len(batch), TTA_IMAGES_PER_CALL)]
+            out = [np.concatenate(pieces) for pieces in zip(*parts)]
         logits, ood = out[0], out[1]
-        cams = out[2].numpy() if with_cam else None
+        cams = out[2] if with_cam else None
         logits = np.asarray(logits, dtype=np.float64).reshape(len(batch), -1)
-        return expit(logits / self.temperatures), ood.numpy().astype(np.float64), cams
+        return expit(logits / self.temperatures), np.asarray(ood, dtype=np.float64), cams
 

@@ -130,11 +130,19 @@ class Predictor:
         model: Keras model ending in one sigmoid unit, or a `finetune.build_ensemble` model.
         card: its model card (threshold, name, preprocessing, temperatures...).
         model_dir: where it was loaded from (for display).
+        tta: test-time augmentation, "none" (default) or "dihedral8": the ensemble's member logits averaged
+            over the 8 flips and 90° rotations of each input (`ensemble.EnsembleScorer`; about 8x slower; the
+            Grad-CAM map and the out-of-distribution distance stay those of the plain view). Offered for the
+            fine-tuned ensemble only, where inner validation measured it (docs/EXPERIMENTS.md); a single model
+            with "dihedral8" raises ValueError.
     """
 
-    def __init__(self, model: Any, card: dict[str, Any], model_dir: Path | None = None) -> None:
+    def __init__(self, model: Any, card: dict[str, Any], model_dir: Path | None = None, *,
+                 tta: str | None = "none") -> None:
+        from mammo_core.inference.ensemble import check_tta
         from mammo_core.training.finetune import is_ensemble
 
+        self.tta = check_tta(tta)
         self.model = model
         self.card = card
         self.model_dir = model_dir
@@ -149,8 +157,12 @@ class Predictor:
         if is_ensemble(model):
             from mammo_core.inference.ensemble import EnsembleScorer
 
-            self.ensemble = EnsembleScorer(model, card)
+            self.ensemble = EnsembleScorer(model, card, tta=self.tta)
             self.temperature = 1.0  # per member, inside the scorer
+        elif self.tta != "none":
+            # measured on the fine-tuned ensemble's recipe only; not offered untested for the single models
+            raise ValueError(f"test-time augmentation ({self.tta}) is offered for the fine-tuned ensemble only "
+                             f"(efficientnet-lite0-ft); {self.name} is a single model: score it without it.")
         else:
             from mammo_core.inference.explain import GradCAM
 
@@ -161,13 +173,17 @@ class Predictor:
             self._infer = make_inference_function(model, self.channels)
 
     @classmethod
-    def load(cls, name_or_dir: str | Path | None = None, *, root: str | Path | None = None) -> "Predictor":
-        """Load a named model, a model directory, or (None) the active model. Raises ModelDirError."""
+    def load(cls, name_or_dir: str | Path | None = None, *, root: str | Path | None = None,
+             tta: str | None = "none") -> "Predictor":
+        """Load a named model, a model directory, or (None) the active model, with test-time augmentation
+        `tta` (see the class). Raises ModelDirError; ValueError for a bad `tta` or one the model does not offer."""
+        from mammo_core.inference.ensemble import check_tta
         from mammo_core.store.registry import load_model, resolve_model_dir
 
+        check_tta(tta)  # before the model loads
         model_dir = resolve_model_dir(name_or_dir, root=root)
         model, card = load_model(model_dir)
-        return cls(model, card, model_dir)
+        return cls(model, card, model_dir, tta=tta)
 
     def warm_up(self) -> None:
         """Trace the compiled function once so the first real request is fast."""
@@ -178,7 +194,9 @@ class Predictor:
         "interval": (N, 2) or None, "ood": (N,) or None}.
 
         Probabilities are calibrated: with the card's temperature for a single model, with each member's
-        temperature for an ensemble, whose probability is the members' mean and interval their range.
+        temperature for an ensemble, whose probability is the members' mean and interval their range. With
+        `tta="dihedral8"` each member's logit is first averaged over the 8 views; the heatmap and "ood" stay the
+        plain view's.
         """
         if self.ensemble is not None:
             members, ood, cams = self.ensemble(images, with_cam=with_cam)
