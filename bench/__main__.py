@@ -14,7 +14,9 @@ ensemble's single member and `paper-cnn-grouped-split` beside it, and against th
    plain `model.fit` and the compute ceiling alongside to show where the gain comes from; and the
    fine-tuning recipe's training images/s beside full fine-tuning (`bench.finetune`);
 4. app: seconds from `streamlit run` to the first page served, and from an upload to the overlay
-   shown in headless Chromium (warm).
+   shown in headless Chromium (warm);
+5. test-time augmentation (`--only tta`, issue 12): the ensemble's single image + Grad-CAM and folder
+   throughput without and with its 8 views (`bench.scoring.compare_tta`).
 
 Results print as a Markdown table; `--write` also replaces the results block of docs/BENCHMARKS.md.
 """
@@ -324,6 +326,15 @@ def bench_latency(predictor, files: list[Path], n: int) -> dict:
             "n": len(ours), "n_base": len(base), "note": note, "first_s": first_s, **model_facts(predictor)}
 
 
+def bench_tta(predictor, files: list[Path], latency_runs: int, folder_images: int) -> dict:
+    """The default model without and with test-time augmentation (fine-tuned ensembles only)."""
+    from bench.scoring import compare_tta
+
+    if predictor.ensemble is None:
+        return {"skipped_reason": f"{predictor.name} is not a fine-tuned ensemble (test-time augmentation is offered for those only)"}
+    return {**compare_tta(predictor, files, latency_runs=latency_runs, folder_images=folder_images), **model_facts(predictor)}
+
+
 # --- 2. folder throughput ------------------------------------------------------------------------
 
 
@@ -625,6 +636,7 @@ def report(results: dict, command: str, machine_desc: str, default_name: str) ->
                   "| setting | images/s |", "|---|---|"]
         extra += [f"| {k} | {v:.0f} |" for k, v in d["images_per_s"].items()]
     extra += cli_profile_lines(results)
+    extra += tta_lines(results.get("tta"))
     extra += app_trace_lines(results.get("apptrace"))
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([f"Measured {stamp} on {machine_desc}.", "", f"Default (active) model: `{default_name}`; "
@@ -659,6 +671,25 @@ def cli_profile_lines(results: dict) -> list[str]:
     return lines
 
 
+def tta_lines(r: dict | None) -> list[str]:
+    """The `tta` part: the default model without and with test-time augmentation, side by side."""
+    if not r or "arms" not in r:
+        return []
+    none, tta = r["arms"]["none"], r["arms"]["dihedral8"]
+    lines = ["", f"Test-time augmentation of the default model (`predict --tta`: member logits averaged over 8 views, flips "
+             f"and 90° rotations; Grad-CAM of the plain view), in one process, best of {r['rounds']} interleaved rounds; "
+             f"single image from PNG bytes over {r['n_latency']} test images, folder = `score_paths` on {r['n_folder']} "
+             f"test PNGs, batches of 64 (with the 8 views, 8 images = 64 views per compiled call), no Grad-CAM; largest "
+             f"change of a probability {r['max_probability_change']:.3f}:", "",
+             "| scoring | 1 image + Grad-CAM p50 (ms) | folder images/s | first calls (s) |", "|---|---|---|---|"]
+    for name, row in (("plain view (default)", none), ("8 views (`--tta`)", tta)):
+        lines.append(f"| {name} | {row['latency_ms_best']:.1f} | {row['folder_images_per_s_best']:.1f} | "
+                     f"{row['first_calls_s']:.1f} |")
+    lines.append(f"| cost of the 8 views | {tta['latency_ms_best'] / none['latency_ms_best']:.1f}x | "
+                 f"{none['folder_images_per_s_best'] / tta['folder_images_per_s_best']:.1f}x slower | |")
+    return lines
+
+
 def app_trace_lines(r: dict | None) -> list[str]:
     if not r or "pieces" not in r:
         return []
@@ -677,7 +708,7 @@ def app_trace_lines(r: dict | None) -> list[str]:
 
 
 PARTS = ("peak", "options", "profile", "onednn", "latency", "folder", "cli", "cliprofile", "decode", "finetune",
-         "training", "app", "apptrace")
+         "training", "app", "apptrace", "tta")
 
 
 def run_part(part: str, args: argparse.Namespace) -> dict | None:
@@ -716,6 +747,8 @@ def run_part(part: str, args: argparse.Namespace) -> dict | None:
         return profile_pieces(predictor, prepared_images(predictor, some[:32]), some)
     if name == "onednn-one":
         return bench_onednn_one(predictor, files[: args.option_images])
+    if name == "tta":
+        return bench_tta(predictor, files, args.latency_runs, args.folder_images)
     return bench_folder(predictor, files[: args.folder_images], args.baseline_images)
 
 

@@ -8,7 +8,9 @@
   through the same `Predictor` path, to put the ensemble beside one model;
 - `keras_io_gradcam_ensemble`: the keras-io recipe on the ensemble (grad model built per call);
 - `compare_options`: the scoring options against each other in one process, interleaved, on the same
-  prepared test images: speed and the largest difference from the float32 reference.
+  prepared test images: speed and the largest difference from the float32 reference;
+- `compare_tta`: the ensemble without and with test-time augmentation (8 views, issue 12), single image +
+  Grad-CAM and folder throughput side by side.
 """
 
 from __future__ import annotations
@@ -235,3 +237,44 @@ def profile_pieces(predictor: Any, images: np.ndarray, files: list, *, runs: int
         prepare(pixels)
     prep_ms = (time.perf_counter() - t) / len(blobs) * 1e3
     return {"pieces": out, "decode_ms": decode_ms, "prepare_ms": prep_ms}
+
+
+def compare_tta(predictor: Any, files: list, *, rounds: int = 2, latency_runs: int = 20,
+                folder_images: int = 256) -> dict[str, Any]:
+    """The ensemble without and with test-time augmentation (`tta="dihedral8"`, issue 12), side by side in one
+    process, rounds interleaved: one image from PNG bytes to probability + Grad-CAM, p50 (ms; the map is the
+    plain view's in both), and folder images/s (`score_paths`, batches of 64, no Grad-CAM, as the folder row);
+    best round of each. Also the largest change of a probability that the augmentation makes on those images."""
+    from mammo_core.inference.predict import Predictor, score_paths
+
+    arms = {tta: Predictor(predictor.model, predictor.card, predictor.model_dir, tta=tta) for tta in ("none", "dihedral8")}
+    blobs = [f.read_bytes() for f in files[:latency_runs]]
+    folder = list(files[:folder_images])
+    for f in folder:  # page cache warm for both arms
+        f.read_bytes()
+    out: dict[str, Any] = {"arms": {}, "n_latency": len(blobs), "n_folder": len(folder), "rounds": rounds}
+    for tta, arm in arms.items():
+        t = time.perf_counter()
+        arm.score_one(blobs[0], name="warm")  # traces and freezes the Grad-CAM call
+        list(score_paths(arm, folder[:64], with_cam=False, keep_images=False, batch_size=64))  # and the plain one
+        out["arms"][tta] = {"first_calls_s": time.perf_counter() - t, "latency_ms": [], "folder_images_per_s": []}
+    probabilities = {}
+    for _ in range(rounds):
+        for tta, arm in arms.items():
+            row = out["arms"][tta]
+            times = []
+            for blob in blobs:
+                t = time.perf_counter()
+                pred = arm.score_one(blob, name="x")
+                times.append(time.perf_counter() - t)
+                assert pred.error is None and pred.heatmap is not None
+            row["latency_ms"].append(float(np.median(times)) * 1e3)
+            t = time.perf_counter()
+            rows = list(score_paths(arm, folder, with_cam=False, keep_images=False, batch_size=64))
+            row["folder_images_per_s"].append(len(rows) / (time.perf_counter() - t))
+            probabilities[tta] = np.asarray([p.probability for p in rows if p.error is None], dtype=float)
+    for row in out["arms"].values():  # best round: the machine's slow phases hit both arms
+        row["latency_ms_best"] = min(row["latency_ms"])
+        row["folder_images_per_s_best"] = max(row["folder_images_per_s"])
+    out["max_probability_change"] = float(np.abs(probabilities["dihedral8"] - probabilities["none"]).max())
+    return out
