@@ -352,7 +352,7 @@ def _load_decoding_ahead(args: argparse.Namespace, paths: list[Path], *, keep_im
     the model loads; dropped when the card's preprocessing changed meanwhile. Shut the executor down after use."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mammo_core.inference.predict import Predictor, decode_ahead
+    from mammo_core.inference.predict import FREEZE_FROM_IMAGES, Predictor, decode_ahead
     from mammo_core.io.preprocessing import card_preprocessing
     from mammo_core.store.card import read_card
     from mammo_core.store.registry import resolve_model_dir
@@ -365,7 +365,8 @@ def _load_decoding_ahead(args: argparse.Namespace, paths: list[Path], *, keep_im
     except MammoError:  # a bad model directory: Predictor.load says why, as before
         early_card, started = {}, []
     try:
-        predictor = Predictor.load(args.model, root=args.weights, tta="dihedral8" if args.tta else "none")
+        predictor = Predictor.load(args.model, root=args.weights, tta="dihedral8" if args.tta else "none",
+                                   freeze=len(paths) >= FREEZE_FROM_IMAGES)
     except BaseException:
         early.shutdown(wait=False, cancel_futures=True)
         raise

@@ -256,3 +256,23 @@ def test_reaper_survives_a_failing_round(monkeypatch):
     stop.set()
     reaper.join(timeout=5)
     assert len(calls) >= 3
+
+
+def test_the_app_keeps_the_traced_scoring_call(app_env, tiny_weights, monkeypatch,  # noqa: F811
+                                               fresh_model_cache):
+    """The server loads models with freeze=False: a frozen ensemble graph would hold ~0.75 GB more for the
+    server's lifetime (docs/BENCHMARKS.md) to save a few ms per upload."""
+    from mammo_core.inference.predict import Predictor
+
+    seen = []
+    init = Predictor.__init__
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("freeze", True))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "__init__", recording)
+    app_env(tiny_weights)
+    at = start("review")
+    no_exception(at)
+    assert seen == [False]

@@ -27,6 +27,10 @@ from mammo_core.io.preprocessing import LEGACY, PREPROCESSING_ID, Geometry, card
 #: Threads that decode and preprocess inputs while the model scores the previous batch (PIL, NumPy and
 #: pydicom release the GIL for most of their work). `python -m bench` measures the choice.
 DECODE_WORKERS = 2
+#: From how many images `predict` freezes the ensemble's weights into its graph (`Predictor(freeze=)`). Freezing
+#: costs ~5 s of start-up and ~0.75 GB per call kind and saves ~4-8 ms per image (docs/BENCHMARKS.md): it pays
+#: back from about a thousand images.
+FREEZE_FROM_IMAGES = 1000
 
 
 @dataclass
@@ -135,10 +139,14 @@ class Predictor:
             Grad-CAM map and the out-of-distribution distance stay those of the plain view). Offered for the
             fine-tuned ensemble only, where inner validation measured it (docs/EXPERIMENTS.md); a single model
             with "dihedral8" raises ValueError.
+        freeze: for the ensemble, turn each compiled call into a graph with the weights as constants on first
+            use (`ensemble.frozen_function`): 1.2-1.8x faster batches, but each call kind costs ~0.75 GB more
+            memory and ~5 s more start-up (docs/BENCHMARKS.md). Worth it for large folders; the app, a
+            long-lived server, and short CLI runs keep the traced call (`FREEZE_FROM_IMAGES`).
     """
 
     def __init__(self, model: Any, card: dict[str, Any], model_dir: Path | None = None, *,
-                 tta: str | None = "none") -> None:
+                 tta: str | None = "none", freeze: bool = True) -> None:
         from mammo_core.inference.ensemble import check_tta
         from mammo_core.training.finetune import is_ensemble
 
@@ -157,7 +165,7 @@ class Predictor:
         if is_ensemble(model):
             from mammo_core.inference.ensemble import EnsembleScorer
 
-            self.ensemble = EnsembleScorer(model, card, tta=self.tta)
+            self.ensemble = EnsembleScorer(model, card, tta=self.tta, frozen=freeze)
             self.temperature = 1.0  # per member, inside the scorer
         elif self.tta != "none":
             # measured on the fine-tuned ensemble's recipe only; not offered untested for the single models
@@ -174,7 +182,7 @@ class Predictor:
 
     @classmethod
     def load(cls, name_or_dir: str | Path | None = None, *, root: str | Path | None = None,
-             tta: str | None = "none") -> "Predictor":
+             tta: str | None = "none", freeze: bool = True) -> "Predictor":
         """Load a named model, a model directory, or (None) the active model, with test-time augmentation
         `tta` (see the class). Raises ModelDirError; ValueError for a bad `tta` or one the model does not offer."""
         from mammo_core.inference.ensemble import check_tta
@@ -183,7 +191,7 @@ class Predictor:
         check_tta(tta)  # before the model loads
         model_dir = resolve_model_dir(name_or_dir, root=root)
         model, card = load_model(model_dir)
-        return cls(model, card, model_dir, tta=tta)
+        return cls(model, card, model_dir, tta=tta, freeze=freeze)
 
     def warm_up(self) -> None:
         """Trace the compiled function once so the first real request is fast."""
