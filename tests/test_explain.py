@@ -129,3 +129,16 @@ def test_overlay_colours_match_the_classic_jet(alpha, tolerance):
     got = overlay(pixels, heat, alpha=alpha).astype(int)
     assert np.abs(got - expected).max() <= tolerance
     assert (got != overlay(pixels, np.zeros_like(heat), alpha=alpha)).any()  # the heatmap is drawn
+
+
+def test_overlay_in_bands_equals_the_whole_image_at_once(monkeypatch):
+    """`overlay` blends in bands of rows to bound its memory; the bands change nothing."""
+    import mammo_core.inference.explain as explain
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (601, 333), dtype=np.uint8)
+    heat = rng.random((14, 14)).astype(np.float32)
+    banded = [overlay(pixels, heat, alpha=0.45, floor=f) for f in (0.0, 0.3)]
+    monkeypatch.setattr(explain, "OVERLAY_BAND_ROWS", 10_000)
+    for f, out in zip((0.0, 0.3), banded):
+        np.testing.assert_array_equal(out, overlay(pixels, heat, alpha=0.45, floor=f))

@@ -136,6 +136,8 @@ class GradCAM:
 JET_STOPS = [[0.0, "rgb(0,0,127.5)"], [0.125, "rgb(0,0,255)"], [0.375, "rgb(0,255,255)"],
              [0.625, "rgb(255,255,0)"], [0.875, "rgb(255,0,0)"], [1.0, "rgb(127.5,0,0)"]]
 _JET_LUT: np.ndarray | None = None
+#: Rows blended at a time by `overlay` (the result is the same for any value; this bounds its memory).
+OVERLAY_BAND_ROWS = 256
 
 
 def jet_lut() -> np.ndarray:
@@ -178,7 +180,13 @@ def overlay(pixels: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.4, floo
         heatmap = np.asarray(
             Image.fromarray(heatmap.astype(np.float32), mode="F").resize(pixels.shape[::-1], Image.BILINEAR)
         )
-    gray = np.repeat((pixels.astype(np.float32) / 255.0)[..., None], 3, axis=-1)
-    weight = np.where(heatmap >= floor, alpha, 0.0)[..., None] if floor > 0 else alpha
-    blended = (1.0 - weight) * gray + weight * _jet(heatmap)
-    return np.round(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)
+    out = np.empty(pixels.shape + (3,), dtype=np.uint8)
+    # in bands of rows: the float64 temporaries of a whole 4096-px image would be ~1 GB at once
+    for top in range(0, pixels.shape[0], OVERLAY_BAND_ROWS):
+        rows = slice(top, top + OVERLAY_BAND_ROWS)
+        heat = heatmap[rows]
+        gray = np.repeat((pixels[rows].astype(np.float32) / 255.0)[..., None], 3, axis=-1)
+        weight = np.where(heat >= floor, alpha, 0.0)[..., None] if floor > 0 else alpha
+        blended = (1.0 - weight) * gray + weight * _jet(heat)
+        out[rows] = np.round(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return out
