@@ -3,7 +3,7 @@ a Grad-CAM overlay; a triage worklist of the session's images; every scored imag
 once per model (at the threshold in use when it was first scored; moving the threshold is not logged).
 
 Uploads are read in memory, never written to disk; once scored, the server's copy of the file is
-dropped and the uploader emptied. The session keeps display-size predictions per (file sha256, model):
+dropped and the uploader emptied (a new widget key, drawn in the old one's place in the same run). The session keeps display-size predictions per (file sha256, model):
 the worklist, so moving the threshold or the opacity never re-runs the model. The uploader takes any file: whether it
 is an image the model can read is for `mammo_core.imaging` to say, with its message.
 """
@@ -27,7 +27,6 @@ CACHE_KEY = "review_predictions"  # (file sha256, model) -> display-size Predict
 CACHE_LIMIT = 48  # predictions kept; the oldest go first, the batch just uploaded never
 UPLOADER_GEN = "review_uploader_gen"  # part of the uploader's key: a new key is an empty uploader
 FAILED_KEY = "review_failed"  # [(file name, reason)] of the last upload that could not be scored
-RELEASE_KEY = "review_release"  # set when the run that scored ended in a rerun: the next run trims
 SCORED_THIS_RUN: list[int] = []  # images scored by this run of the page (each run executes the file anew)
 
 
@@ -71,15 +70,12 @@ def score_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[str
 
 def add_uploads(predictor, uploads: list[Any]) -> None:
     """Score the uploaded files into the worklist, note the unreadable ones, then free the files' bytes
-    and start the page again with an empty uploader (the worklist stays; more files add to it)."""
+    and move to a new uploader key (the caller draws the empty uploader in the old one's place)."""
     results = score_uploads(predictor, [(f.name, f.getvalue()) for f in uploads])
     st.session_state[FAILED_KEY] = [(name, pred.error.removeprefix(f"{name}: ")) for name, pred in results
                                     if pred.error is not None]  # the message already names the file
-    del results
     shared.drop_uploaded_files(uploads)
     st.session_state[UPLOADER_GEN] = st.session_state.get(UPLOADER_GEN, 0) + 1
-    st.session_state[RELEASE_KEY] = True
-    st.rerun()
 
 
 def worklist_items(predictor) -> list[tuple[str, Any]]:
@@ -262,13 +258,12 @@ def main() -> None:
         pacs_source(predictor, threshold, config)
         return
 
-    uploads = st.file_uploader("Mammograms, one or many: PNG, JPEG, TIFF, BMP or DICOM (a DICOM file may have no "
-                               "extension, e.g. IM00001). Scored images join the worklist below; the files "
-                               "themselves are not kept.", type=None, accept_multiple_files=True,
-                               key=f"review_uploads::{st.session_state.get(UPLOADER_GEN, 0)}")
+    slot = st.empty()
+    uploads = uploader(slot)
     log = _audit_log()
     if uploads:
-        add_uploads(predictor, uploads)  # ends this run: the page starts again with the worklist
+        add_uploads(predictor, uploads)
+        uploader(slot)  # an empty one in its place, in this same run: the worklist below has the images
     for fname, reason in st.session_state.get(FAILED_KEY, []):
         st.error(f"{shared.plain(fname)} could not be scored: {shared.plain(reason)}")
     scored = worklist_items(predictor)
@@ -282,6 +277,14 @@ def main() -> None:
     if row_id is not None and log is not None:
         note_input(log, row_id)
     audit_section(log)
+
+
+def uploader(slot) -> list[Any]:
+    """The file uploader, drawn in `slot` under the session's current key (a new key is an empty uploader)."""
+    return slot.file_uploader(
+        "Mammograms, one or many: PNG, JPEG, TIFF, BMP or DICOM (a DICOM file may have no extension, e.g. "
+        "IM00001). Scored images join the worklist below; the files themselves are not kept.", type=None,
+        accept_multiple_files=True, key=f"review_uploads::{st.session_state.get(UPLOADER_GEN, 0)}")
 
 
 def model_header(card: dict, name: str) -> None:
@@ -444,7 +447,7 @@ def add_colour_bar(fig, floor: float) -> None:
 
 
 main()
-if SCORED_THIS_RUN or st.session_state.pop(RELEASE_KEY, False):
+if SCORED_THIS_RUN:
     # The run's full-size decodes, overlays and figure are garbage now; glibc would keep their heap
     # (80-megapixel uploads from 4 sessions left the server 1 GB above idle).
     shared.release_freed_memory()

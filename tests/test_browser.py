@@ -249,6 +249,16 @@ def test_review_upload_and_models_activation_in_a_real_browser(server, browser, 
     assert "file_sha256" in csv_lines[0] and len(csv_lines) == 2, csv_lines[:3]
     assert hashlib.sha256(sample_png).hexdigest() in csv_lines[1]
 
+    # the uploader was emptied once the files were scored; another file joins the worklist
+    assert not page.locator("[data-testid=stFileUploaderFile]").count()
+    from tests.factories import png_bytes, synthetic_mammogram
+
+    second = tmp_path / "second.png"
+    second.write_bytes(png_bytes(synthetic_mammogram(11, malignant=False)))  # not sample_png (seed 7)
+    page.set_input_files("[data-testid=stFileUploaderDropzoneInput]", [str(second)])
+    page.locator("[data-testid=stHeading]", has_text="Worklist (2 scored").wait_for()
+    assert not page.locator("[data-testid=stFileUploaderFile]").count()
+
     # Models: the leaky paper-split model needs a confirmation before it becomes the default; then back.
     page.goto(url + "/Models")
     _wait_rendered(page, "Compare")
