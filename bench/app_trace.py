@@ -63,8 +63,10 @@ def install() -> None:
     _timed(predict.Predictor, "_fill_batch", "model call + Grad-CAM")
     _timed(predict.Prediction, "heatmap_on_original", "heatmap back onto the original")
     _timed(explain, "overlay", "overlay colouring")
-    _timed(plots, "image_triplet_figure", "Plotly figure built")
+    _timed(plots, "image_triplet_figure", "Plotly figure built (Zoom and pan)")
     _timed(st, "plotly_chart", "st.plotly_chart (serialise, send)", _figure_facts)
+    _timed(plots, "outlined", "panels: breast outline drawn")
+    _timed(st, "image", "st.image (PNG encode, send)")
     for name in ("record", "recent", "to_csv"):
         _timed(audit.AuditLog, name, f"audit log {name}")
     try:

@@ -146,5 +146,5 @@ def test_app_trace_pieces_split_one_upload(tmp_path):
     assert got["Plotly figure JSON (bytes)"] == 1234 and got["script runs in this span"] == 1
     assert got["browser: file sent (HTTP upload finished)"] == pytest.approx(0.1)
     assert got["browser and websocket: total - upload - script runs"] == pytest.approx(0.6 - 0.1 - 0.2)
-    assert got["browser: Plotly figure present to app idle (status widget gone)"] == pytest.approx(0.1)
+    assert got["browser: panels drawn to app idle (status widget gone)"] == pytest.approx(0.1)
     assert got["median upload"]["model call + Grad-CAM"] == pytest.approx(0.05)

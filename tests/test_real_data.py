@@ -85,7 +85,12 @@ def test_shipped_model_rescoring_matches_its_predictions(name):
         members, _, _ = predictor.ensemble(images, with_cam=False)
         by_fold = members[np.arange(len(sample)), sample["fold"].to_numpy()]
         diff = np.abs(by_fold - sample["probability"].to_numpy())
-        assert np.median(diff) < 2e-4 and diff.max() < 5e-3, (np.median(diff), diff.max())
+        # kernels stored in float16 after training (store.compact) move each member's probability too, by
+        # at most the change the card records, measured on every dataset image
+        stored = (predictor.card.get("storage") or {}).get("measured") or {}
+        median_bound = 2e-4 + (1e-3 if stored else 0.0)
+        max_bound = 5e-3 + stored.get("max_abs_change_member_probability", 0.0)
+        assert np.median(diff) < median_bound and diff.max() < max_bound, (np.median(diff), diff.max())
         np.testing.assert_allclose(predictor.score_batch(images, with_cam=False)["probability"], members.mean(axis=1),
                                    atol=1e-6)
         return
