@@ -27,6 +27,7 @@ CACHE_KEY = "review_predictions"  # (file sha256, model) -> display-size Predict
 CACHE_LIMIT = 48  # predictions kept; the oldest go first, the batch just uploaded never
 UPLOADER_GEN = "review_uploader_gen"  # part of the uploader's key: a new key is an empty uploader
 FAILED_KEY = "review_failed"  # [(file name, reason)] of the last upload that could not be scored
+KNOWN_KEY = "review_known"  # how many files of the last upload were already in the worklist
 SCORED_THIS_RUN: list[int] = []  # images scored by this run of the page (each run executes the file anew)
 
 
@@ -42,6 +43,7 @@ def score_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[str
     model_key = _model_key(predictor)
     keys = [(hashlib.sha256(data).hexdigest(), model_key) for _, data in uploads]
     todo = [(i, key) for i, key in enumerate(keys) if key not in cache]
+    st.session_state[KNOWN_KEY] = len({key for key in keys if key in cache})
     fresh: dict = {}
     if todo:
         bar = st.progress(0.0, text=f"Scoring {len(todo)} image(s)…") if len(todo) > 1 else None
@@ -266,6 +268,9 @@ def main() -> None:
         uploader(slot)  # an empty one in its place, in this same run: the worklist below has the images
     for fname, reason in st.session_state.get(FAILED_KEY, []):
         st.error(f"{shared.plain(fname)} could not be scored: {shared.plain(reason)}")
+    if known := st.session_state.get(KNOWN_KEY):
+        st.info(f"{known} of the files just added {'was' if known == 1 else 'were'} already in the worklist "
+                "(the same image, by content), so nothing new was scored for it.")
     scored = worklist_items(predictor)
     if not scored:
         st.info("Upload one or more images to score them.")
@@ -342,8 +347,8 @@ def worklist(ok: list[tuple[str, Any, str, Any]], rows: list[dict[str, Any]]) ->
                          mime="text/csv", key="worklist_csv")
     if right.button("Clear the worklist", key="worklist_clear", help="Forget this session's scored images "
                     "(the audit log keeps its records)."):
-        st.session_state.pop(CACHE_KEY, None)
-        st.session_state.pop(FAILED_KEY, None)
+        for key in (CACHE_KEY, FAILED_KEY, KNOWN_KEY):
+            st.session_state.pop(key, None)
         st.rerun()
     if len(ok) == 1:
         return 0

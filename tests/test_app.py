@@ -172,6 +172,10 @@ def test_review_scores_uploads_and_threshold_does_not_rescore(app_env, tiny_weig
         ("scan.png", 0.5, "malignant" if prob >= 0.5 else "benign")]
     # the uploader was emptied and the file's bytes dropped after scoring: another model needs the file again
     assert not at.file_uploader[0].value
+    at.file_uploader[0].set_value([("same-again.png", sample_png, "image/png")]).run()  # the same image again
+    assert any("already in the worklist" in i.value for i in at.info)
+    assert calls == [2]  # nothing was scored again
+    assert [r["file_name"] for r in AuditLog(default_audit_path()).recent()] == ["scan.png"]  # not logged twice
     at.sidebar.selectbox[0].set_value("tiny-paper").run()
     no_exception(at)
     assert any("scored with another model; upload them again" in c.value for c in at.caption)
