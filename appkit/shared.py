@@ -376,13 +376,31 @@ def _load_predictor(name: str, root: str, signature: tuple):  # noqa: ARG001
     return predictor
 
 
-def get_predictor(name: str | None):
-    """(Predictor, warnings) for the chosen model, loaded once per process. Raises ModelDirError
-    saying why when that model cannot be used: the caller asks the user to pick another one."""
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _views_predictor(name: str, root: str, signature: tuple):
+    """The chosen ensemble scored over its 8 views (flips and 90° rotations): the same loaded model as
+    `_load_predictor`, another compiled call."""
+    import gc
+
+    from mammo_core.inference.predict import Predictor
+
+    base = _load_predictor(name, root, signature)
+    gc.unfreeze()
+    predictor = Predictor(base.model, base.card, base.model_dir, tta="dihedral8", freeze=False)
+    predictor.warm_up()
+    settle_after_model_load()
+    return predictor
+
+
+def get_predictor(name: str | None, *, tta: str = "none"):
+    """(Predictor, warnings) for the chosen model, loaded once per process; `tta="dihedral8"` scores an
+    ensemble over its 8 views. Raises ModelDirError saying why when that model cannot be used: the caller
+    asks the user to pick another one."""
     path, _, problems = model_in_use(name)
     if path is None:
         raise ModelDirError(" ".join(problems))
-    return _load_predictor(path.name, str(weights_root()), _signature(path)), []
+    load = _views_predictor if tta == "dihedral8" else _load_predictor
+    return load(path.name, str(weights_root()), _signature(path)), []
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

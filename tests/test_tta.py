@@ -13,6 +13,7 @@ from scipy.special import expit
 from mammo_core.inference.ensemble import DIHEDRAL8, TTA_MODES, EnsembleScorer, dihedral_views
 from mammo_core.inference.predict import Predictor
 
+from .test_app import app_env  # noqa: F401  (the app pointed at tmp folders, local mode)
 from .test_ensemble import ensemble_dir  # noqa: F401  (a tiny trained ensemble in a model directory)
 from .test_scoring_speed import ens, images  # noqa: F401  (an untrained 2-member ensemble; 4 synthetic inputs)
 
@@ -173,3 +174,31 @@ def test_bench_reports_tta_beside_the_plain_view():
     assert "| plain view (default) | 30.0 | 80.0 | 2.0 |" in text
     assert "| 8 views (`--tta`) | 120.0 | 10.0 | 2.0 |" in text
     assert "| cost of the 8 views | 4.0x | 8.0x slower | |" in text
+
+
+def test_review_offers_the_8_views_for_an_ensemble(app_env, ensemble_dir, sample_png, tmp_path):  # noqa: F811
+    """Review's toggle scores the ensemble over its 8 views (the same numbers as `predict --tta`), keeps
+    the two settings' worklists apart and names the setting in the worklist and the audit log."""
+    from mammo_core.store import registry
+    from mammo_core.store.audit import AuditLog, default_audit_path
+
+    from .test_app import metric, no_exception, start
+
+    app_env(ensemble_dir.parent)
+    registry.set_active_model(ensemble_dir.name, ensemble_dir.parent)
+    at = start("review")
+    no_exception(at)
+    at.file_uploader[0].set_value([("scan.png", sample_png, "image/png")]).run()
+    plain = float(metric(at, "Probability of malignancy"))
+    at.toggle(key="review_tta").set_value(True).run()
+    no_exception(at)
+    assert any("8 views switched the other way" in c.value for c in at.caption)
+    at.file_uploader[0].set_value([("scan.png", sample_png, "image/png")]).run()
+    views = float(metric(at, "Probability of malignancy"))
+    expected = Predictor.load(ensemble_dir, tta="dihedral8").score_one(sample_png, with_cam=False).probability
+    assert views == pytest.approx(expected, abs=1e-3)  # the metric shows 3 decimals
+    assert at.dataframe[0].value["model"].tolist() == [f"{ensemble_dir.name} (8 views)"]
+    rows = AuditLog(default_audit_path()).recent()
+    assert sorted(r["model_name"] for r in rows) == sorted([ensemble_dir.name, f"{ensemble_dir.name} (8 views)"])
+    at.toggle(key="review_tta").set_value(False).run()
+    assert float(metric(at, "Probability of malignancy")) == plain  # the plain worklist is still there
