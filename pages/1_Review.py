@@ -244,7 +244,8 @@ def study_results(predictor, score, threshold: float) -> None:
 
 def main() -> None:
     st.title("Review")
-    st.caption("Research tool, not a diagnostic device. Uploaded images stay in memory and are not saved.")
+    st.caption("Research tool, not a diagnostic device. Uploaded files are read in memory, never saved to disk, "
+               "and dropped once scored.")
     if not shared.usable_models():
         st.info("No trained model yet. Train one on the Retrain page.")
         return
