@@ -102,14 +102,13 @@ def outlined(pixels: np.ndarray, outline: np.ndarray | None, *, colour: tuple[in
 
 
 def colour_bar(floor: float, *, width: int = 256, height: int = 14) -> np.ndarray:
-    """A horizontal strip of the overlay's jet map: grey below `floor` (nothing is drawn there), the
-    map over [floor, 1] (as `explain.overlay` colours it), as an RGB uint8 array."""
-    from mammo_core.inference.explain import jet_lut
+    """The overlay's colour scale as an RGB uint8 strip, 0 (left) to 1 (right): `explain.overlay` itself
+    drawn at full opacity over mid-grey, so the strip shows exactly what the overlay colours and leaves
+    grey below `floor`."""
+    from mammo_core.inference.explain import overlay
 
-    x = np.linspace(0.0, 1.0, width)
-    rgb = jet_lut()[np.clip((x * 255).round().astype(int), 0, 255)]
-    rgb[x < floor] = 0.5
-    return np.repeat((rgb * 255).astype(np.uint8)[None], height, axis=0)
+    ramp = np.repeat(np.linspace(0.0, 1.0, width, dtype=np.float32)[None], height, axis=0)
+    return overlay(np.full((height, width), 128, dtype=np.uint8), ramp, alpha=1.0, floor=floor)
 
 
 def roc_figure(curves: Iterable[dict[str, Any]], *, threshold: float) -> Any:

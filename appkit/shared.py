@@ -359,34 +359,25 @@ def session_reaper() -> threading.Thread:
     return thread
 
 
-@st.cache_resource(show_spinner=False, max_entries=2)
-def _load_predictor(name: str, root: str, signature: tuple):  # noqa: ARG001
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _load_predictor(name: str, root: str, signature: tuple, tta: str = "none"):  # noqa: ARG001
+    """The model `name` as a Predictor, once per process and `tta`. With `tta` other than "none" the
+    already loaded model is reused (the plain entry of this cache): only another compiled call is added."""
     # Imported here so that TensorFlow loads only when a page needs the model, not at first paint.
     import gc
 
     from mammo_core.inference.predict import Predictor
 
-    gc.unfreeze()
-    model_dir = Path(root) / name
-    model, card = registry.load_model(model_dir)
+    if tta == "none":
+        gc.unfreeze()
+        model_dir = Path(root) / name
+        model, card = registry.load_model(model_dir)
+    else:
+        base = _load_predictor(name, root, signature)
+        gc.unfreeze()
+        model, card, model_dir = base.model, base.card, base.model_dir
     # not frozen: freezing would hold ~0.75 GB more for the server's lifetime for a few ms per upload
-    predictor = Predictor(model, card, model_dir, freeze=False)
-    predictor.warm_up()
-    settle_after_model_load()
-    return predictor
-
-
-@st.cache_resource(show_spinner=False, max_entries=2)
-def _views_predictor(name: str, root: str, signature: tuple):
-    """The chosen ensemble scored over its 8 views (flips and 90° rotations): the same loaded model as
-    `_load_predictor`, another compiled call."""
-    import gc
-
-    from mammo_core.inference.predict import Predictor
-
-    base = _load_predictor(name, root, signature)
-    gc.unfreeze()
-    predictor = Predictor(base.model, base.card, base.model_dir, tta="dihedral8", freeze=False)
+    predictor = Predictor(model, card, model_dir, tta=tta, freeze=False)
     predictor.warm_up()
     settle_after_model_load()
     return predictor
@@ -399,8 +390,7 @@ def get_predictor(name: str | None, *, tta: str = "none"):
     path, _, problems = model_in_use(name)
     if path is None:
         raise ModelDirError(" ".join(problems))
-    load = _views_predictor if tta == "dihedral8" else _load_predictor
-    return load(path.name, str(weights_root()), _signature(path)), []
+    return _load_predictor(path.name, str(weights_root()), _signature(path), tta), []
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

@@ -3,9 +3,10 @@ a Grad-CAM overlay; a triage worklist of the session's images; every scored imag
 once per model (at the threshold in use when it was first scored; moving the threshold is not logged).
 
 Uploads are read in memory, never written to disk; once scored, the server's copy of the file is
-dropped and the uploader emptied (a new widget key, drawn in the old one's place in the same run). The session keeps display-size predictions per (file sha256, model):
-the worklist, so moving the threshold or the opacity never re-runs the model. The uploader takes any file: whether it
-is an image the model can read is for `mammo_core.imaging` to say, with its message.
+dropped and the uploader emptied (a new widget key, drawn in the old one's place in the same run). The
+session keeps display-size predictions per (file sha256, model): the worklist, so moving the threshold
+or the opacity never re-runs the model. The uploader takes any file: whether it is an image the model
+can read is for `mammo_core.imaging` to say, with its message.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ CACHE_LIMIT = 48  # predictions kept; the oldest go first, the batch just upload
 UPLOADER_GEN = "review_uploader_gen"  # part of the uploader's key: a new key is an empty uploader
 FAILED_KEY = "review_failed"  # [(file name, reason)] of the last upload that could not be scored
 KNOWN_KEY = "review_known"  # how many files of the last upload were already in the worklist
+PANELS_CAPTION = ("Left: the original with the breast the model found. Middle: the model's own input (cropped, "
+                  "chest wall to the left, intensities normalised). Right: Grad-CAM drawn back onto the original. ")
 SCORED_THIS_RUN: list[int] = []  # images scored by this run of the page (each run executes the file anew)
 
 
@@ -433,10 +436,8 @@ def static_panels(pixels, model_view, overlaid, outline, floor: float) -> None:
     cols[2].image(overlaid, caption="Grad-CAM on the original", width="stretch", output_format="PNG")
     cols[2].image(colour_bar(floor), caption=f"Grad-CAM scale: 0 (left) to its peak (right); grey below {floor:.0%} "
                   "is not drawn", width="stretch", output_format="PNG")
-    st.caption("Left: the original with the breast the model found. Middle: the model's own input (cropped, "
-               "chest wall to the left, intensities normalised). Right: Grad-CAM drawn back onto the original. "
-               "Grad-CAM shows where the network responded; it is not a lesion outline. Turn on *Zoom and pan* "
-               "to inspect details side by side.")
+    st.caption(PANELS_CAPTION + "Grad-CAM shows where the network responded; it is not a lesion outline. Turn on "
+               "*Zoom and pan* to inspect details side by side.")
 
 
 def interactive_panels(pixels, model_view, overlaid, outline, floor: float) -> None:
@@ -449,10 +450,9 @@ def interactive_panels(pixels, model_view, overlaid, outline, floor: float) -> N
     add_colour_bar(fig, floor)
     st.plotly_chart(fig, key="review_figure",
                     config={"scrollZoom": True, "displaylogo": False})
-    st.caption("Left: the original with the breast the model found. Middle: the model's own input (cropped, "
-               "chest wall to the left, intensities normalised). Right: Grad-CAM drawn back onto the original. "
-               "Drag to zoom (left and right follow each other), double-click to reset. Grad-CAM shows where the "
-               f"network responded (coloured where it reaches {floor:.0%} of its peak); it is not a lesion outline.")
+    st.caption(PANELS_CAPTION + "Drag to zoom (left and right follow each other), double-click to reset. Grad-CAM "
+               f"shows where the network responded (coloured where it reaches {floor:.0%} of its peak); it is not a "
+               "lesion outline.")
 
 
 def add_colour_bar(fig, floor: float) -> None:

@@ -174,19 +174,26 @@ class EnsembleScorer:
         features = self.trunk(images, training=False)
         return self.members(features, training=False), self._ood(features)
 
-    def _forward_cam(self, images):
+    def _members_with_cam(self, features):
+        """The members' logits on trunk `features` and Grad-CAM of their mean logit, with `features` the only
+        watched tensor: no gradient for any weight, none through the trunk."""
         import tensorflow as tf
 
         from mammo_core.inference.explain import cam_from_gradients
 
-        features = tf.stop_gradient(self.trunk(images, training=False))
-        # only `features` is watched: no gradient for any weight, none through the trunk
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(features)
             logits = self.members(features, training=False)
             total = tf.reduce_sum(tf.reduce_mean(logits, axis=-1))  # each image depends only on itself
         grads = tape.gradient(total, features)
-        return logits, self._ood(features), cam_from_gradients(features, grads, (IMAGE_SIZE, IMAGE_SIZE))
+        return logits, cam_from_gradients(features, grads, (IMAGE_SIZE, IMAGE_SIZE))
+
+    def _forward_cam(self, images):
+        import tensorflow as tf
+
+        features = tf.stop_gradient(self.trunk(images, training=False))
+        logits, cams = self._members_with_cam(features)
+        return logits, self._ood(features), cams
 
     def _forward_tta(self, images):
         import tensorflow as tf
@@ -200,20 +207,13 @@ class EnsembleScorer:
     def _forward_tta_cam(self, images):
         import tensorflow as tf
 
-        from mammo_core.inference.explain import cam_from_gradients
-
         n, views = tf.shape(images)[0], len(DIHEDRAL8)
         features = tf.stop_gradient(self.trunk(dihedral_views(images), training=False))
         plain = features[:n]
-        # Grad-CAM of the plain view's mean logit, exactly as without augmentation
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(plain)
-            plain_logits = self.members(plain, training=False)
-            total = tf.reduce_sum(tf.reduce_mean(plain_logits, axis=-1))
-        grads = tape.gradient(total, plain)
+        plain_logits, cams = self._members_with_cam(plain)  # Grad-CAM of the plain view, as without augmentation
         others = tf.reshape(self.members(features[n:], training=False), [views - 1, n, -1])
         logits = tf.reduce_mean(tf.concat([plain_logits[None], others], axis=0), axis=0)
-        return logits, self._ood(plain), cam_from_gradients(plain, grads, (IMAGE_SIZE, IMAGE_SIZE))
+        return logits, self._ood(plain), cams
 
     def function(self, with_cam: bool) -> Any:
         """The compiled call used for `with_cam` (frozen on first use unless `frozen=False`)."""
