@@ -105,7 +105,7 @@ def orthanc(tmp_path_factory) -> OrthancServer:
         pytest.skip(reason)
     root = tmp_path_factory.mktemp("orthanc")
     server = OrthancServer(http_port=_free_port(), dicom_port=_free_port(), username="tester",
-                           password=secrets.token_urlsafe(12))
+                           password=secrets.token_urlsafe(12))  # may start with "-": pass it as --password=...
     config = {
         "Name": "mammo-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
         "HttpPort": server.http_port, "DicomPort": server.dicom_port, "DicomAet": server.aet,
@@ -328,7 +328,7 @@ def test_dimse_scores_the_same_and_pushes_with_c_store(orthanc, tiny_weights, ca
     uid = study[0].StudyInstanceUID
     argv = ["--weights", str(tiny_weights), "pacs", "score", "--accession", SECRETS["AccessionNumber"], "--json"]
     code, web, _, err = run_cli(capsys, *argv[:4], "--dicomweb", orthanc.dicomweb, "--username", orthanc.username,
-                                "--password", orthanc.password, "--study", uid, "--json")
+                                f"--password={orthanc.password}", "--study", uid, "--json")
     assert code == 0, err
     code, dimse, out, err = run_cli(capsys, *argv[:4], "--dimse", f"127.0.0.1:{orthanc.dicom_port}", "--aet",
                                     orthanc.aet, "--study", uid, "--push-results", "--json")
@@ -393,8 +393,8 @@ def test_study_without_mammograms_is_a_clear_error(orthanc, tiny_weights, capsys
     study, series = generate_uid(), generate_uid()
     orthanc.upload([mammogram(study, series, "L", "CC", 1, seed=3, modality="OT")])
     code, records, out, err = run_cli(capsys, "--weights", str(tiny_weights), "pacs", "score", "--dicomweb",
-                                      orthanc.dicomweb, "--username", orthanc.username, "--password",
-                                      orthanc.password, "--study", study, "--json")
+                                      orthanc.dicomweb, "--username", orthanc.username,
+                                      f"--password={orthanc.password}", "--study", study, "--json")
     assert code == 2
     assert len(records) == 1 and "no for-presentation MG image" in records[0]["error"]
     assert "not scored (modality OT, not MG)" in err
@@ -405,8 +405,8 @@ def test_undecodable_image_is_one_error_and_the_rest_is_scored(orthanc, tiny_wei
     study = four_view_study(seed=71, broken=3)  # L-MLO has half its pixel data
     orthanc.upload(study)
     code, records, out, err = run_cli(capsys, "--weights", str(tiny_weights), "pacs", "score", "--dicomweb",
-                                      orthanc.dicomweb, "--username", orthanc.username, "--password",
-                                      orthanc.password, "--study", study[0].StudyInstanceUID, "--push-results",
+                                      orthanc.dicomweb, "--username", orthanc.username,
+                                      f"--password={orthanc.password}", "--study", study[0].StudyInstanceUID, "--push-results",
                                       "--json")
     assert code == 2
     bad = [r for r in by_level(records, "image") if "error" in r]
