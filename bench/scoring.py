@@ -91,8 +91,9 @@ def single_member(predictor: Any, index: int = 0) -> Any:
     whiten = model.get_layer(finetune.OOD_LAYER).get_weights()
     recipes = [(card.get("training") or {}).get("recipe"), ((card.get("cross_validation") or {}).get("training") or {}).get("recipe"),
                (card.get("config") or {}).get("recipe")]
-    cut = next((r["cut"] for r in recipes if r and r.get("cut")), finetune.Recipe().cut)
-    one = finetune.build_ensemble([member], cut, (whiten[0], whiten[1]))
+    recipe = next((r for r in recipes if r and r.get("cut")), {})
+    one = finetune.build_ensemble([member], recipe.get("cut", finetune.Recipe().cut), (whiten[0], whiten[1]),
+                                  recipe.get("input_scale", 1.0))
     temps = card["ensemble"]["temperatures"]
     one_card = {**card, "name": f"{card.get('name', 'ensemble')} (member {index} alone)",
                 "ensemble": {**card["ensemble"], "members": 1, "temperatures": [temps[index]]}}

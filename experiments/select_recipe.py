@@ -18,6 +18,10 @@ configs = [
  # whole network from cached decoded inputs, at a lower rate and at D's rate and copies
  ("G-full-lr1e-4", "breast-crop-v1", Recipe(cut="stem", learning_rate=1e-4)),
  ("H-full-lr3e-4-copies32", "breast-crop-v1", Recipe(cut="stem", learning_rate=3e-4, copies_per_source=32)),
+ # fourth round (session of 2026-12-01), declared after the linear-probe screening of input scales
+ # (experiments/probe_scale.py) and before it ran: B's recipe on the model input upsampled x2 inside the trunk.
+ # Rule fixed now: it replaces D as the shipped recipe only if its mean validation AUC beats D's 0.802.
+ ("I-scale2-lr3e-4", "breast-crop-v1", Recipe(learning_rate=3e-4, input_scale=2.0)),
 ]
 only = sys.argv[1:] 
 for name, prep, recipe in configs:

@@ -124,6 +124,51 @@ def test_recipe_validation():
         finetune.Recipe(cut="block9z").validate()
     with pytest.raises(ValueError, match="copies_per_source"):
         finetune.Recipe(copies_per_source=0).validate()
+    for bad in (0.5, 1.1, 5.0):
+        with pytest.raises(ValueError, match="input_scale"):
+            finetune.Recipe(input_scale=bad).validate()
+    finetune.Recipe(input_scale=1.5).validate()
+
+
+def test_input_scale_resizes_inside_the_trunk():
+    """With input_scale 2 the trunk takes the 224x224 model input and equals the 448x448 network's lower
+    part on the bilinearly resized image; the cached activations get their own cache key."""
+    import keras
+    import tensorflow as tf
+
+    from mammo_core.models.efficientnet_lite import build_efficientnet_lite0
+
+    trunk, core = finetune.build_parts("block6a", 2.0)
+    assert tuple(trunk.input.shape[1:]) == (224, 224, 1)
+    assert tuple(trunk.output.shape[1:]) == (28, 28, 112) and tuple(core.input.shape[1:]) == (28, 28, 112)
+    full = build_efficientnet_lite0(input_shape=(448, 448, 1))
+    lower = keras.Model(full.input, full.get_layer(finetune.CUTS["block6a"]).output)
+    x = np.random.default_rng(0).random((2, 224, 224, 1)).astype(np.float32)
+    expected = lower(tf.image.resize(x, (448, 448), method="bilinear")).numpy()
+    np.testing.assert_allclose(trunk(x).numpy(), expected, atol=1e-5)
+    paths = [__file__]
+    assert finetune._cache_key(paths, "block6a", "p", 2.0) != finetune._cache_key(paths, "block6a", "p", 1.0)
+    assert finetune._cache_key(paths, "block6a", "p") == finetune._cache_key(paths, "block6a", "p", 1.0)
+
+
+def test_ensemble_with_input_scale_trains_scores_and_explains(tiny_dataset, tmp_path_factory, sample_png):
+    """A scaled recipe goes through the same train path: the card records the scale, the saved model takes
+    224x224 inputs, and scoring gives an interval and a 224x224 Grad-CAM map from the larger trunk output."""
+    import os
+
+    os.environ.setdefault("MAMMO_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    config = TrainConfig(data_dir=str(tiny_dataset), name="tiny-ft-x1.5", architecture="efficientnet-lite0-ft",
+                         folds=2, recipe={**TINY_RECIPE, "input_scale": 1.5})
+    model_dir = train(config, root=tmp_path_factory.mktemp("scaled-weights"), log=lambda m: None)
+    card = verify_model_dir(model_dir)
+    assert card["training"]["recipe"]["input_scale"] == 1.5
+    assert "resized x1.5" in card["cross_validation"]["training"]["strategy"]
+    predictor = Predictor.load(model_dir)
+    assert tuple(predictor.model.input.shape[1:]) == (224, 224, 1)
+    pred = predictor.score_one(sample_png, name="x.png", with_cam=True)
+    assert pred.error is None and pred.heatmap.shape == (224, 224)
+    low, high = pred.probability_interval
+    assert low <= pred.probability <= high
 
 
 def _noise_png() -> bytes:

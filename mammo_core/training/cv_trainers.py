@@ -151,8 +151,9 @@ class FineTuneTrainer:
         self.frame = frame
         self.log = log
         self.activations, self.extraction_seconds = finetune.cached_activations(
-            frame["path"].tolist(), cut=self.recipe.cut, preprocessing=config.preprocessing, log=log)
-        _, self.core = finetune.build_parts(self.recipe.cut)
+            frame["path"].tolist(), cut=self.recipe.cut, preprocessing=config.preprocessing,
+            input_scale=self.recipe.input_scale, log=log)
+        _, self.core = finetune.build_parts(self.recipe.cut, self.recipe.input_scale)
         self.labels = frame["label"].to_numpy()
         self.groups = frame["group"].to_numpy()
         self.members: list[Any] = []
@@ -164,7 +165,9 @@ class FineTuneTrainer:
             "strategy": ("ImageNet EfficientNet-Lite0 fine-tuned whole (BatchNorm frozen) from decoded inputs cached "
                          "once per image, with a Dense(1) head, per fold" if self.ft.CUTS[self.recipe.cut] is None else
                          f"ImageNet EfficientNet-Lite0 trunk frozen up to {self.ft.CUTS[self.recipe.cut]} (activations "
-                         f"cached once per image); stages from {self.recipe.cut} and a Dense(1) head fine-tuned per fold"),
+                         f"cached once per image); stages from {self.recipe.cut} and a Dense(1) head fine-tuned per fold")
+                        + (f"; the 224x224 input resized x{self.recipe.input_scale:g} (bilinear) inside the trunk"
+                           if self.recipe.input_scale != 1 else ""),
             "recipe": self.ft.recipe_dict(self.recipe),
             "optimizer": "adamw", "class_weighted": True, "batchnorm": "inference mode, ImageNet statistics, frozen",
             "selection": "epoch with the best validation AUC (Keras EarlyStopping, restore_best_weights)",

@@ -55,7 +55,7 @@ def train_ensemble_into(config: Any, out: Path, log: Callable[[str], None] = pri
     results, oof = run_folds(cv_config, frame, trainer, log=log)
     ood = _fit_ood(trainer, oof["fold"].to_numpy() == 0)
 
-    model = finetune.build_ensemble(trainer.members, recipe.cut, ood["whiten"])
+    model = finetune.build_ensemble(trainer.members, recipe.cut, ood["whiten"], recipe.input_scale)
     save_compact(model, out / MODEL_FILE)  # kernels in float16: half the file (store.compact)
     table = _oof_table(oof, data_root)
     table.to_csv(out / PREDICTIONS_FILE, index=False)

@@ -48,6 +48,9 @@ class Recipe:
     val_copies_per_source: int = 8
     dropout: float = 0.3
     batch_size: int = 32
+    #: the 224x224 model input is resized (bilinear) by this factor inside the trunk before the network: the
+    #: ImageNet filters then see the breast's structures larger (the model's input contract stays 224x224)
+    input_scale: float = 1.0
 
     def validate(self) -> None:
         if self.cut not in CUTS:
@@ -59,24 +62,40 @@ class Recipe:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 1 <= self.input_scale <= 4 or round(IMAGE_SIZE * self.input_scale) % 16:
+            raise ValueError(f"input_scale must be in [1, 4] with {IMAGE_SIZE} x input_scale a multiple of 16 "
+                             f"(1, 1.5, 2, ...), got {self.input_scale}")
 
 
 # --- the two parts -----------------------------------------------------------------------------------
 
 
-def build_parts(cut: str):
-    """(trunk, upper_core): ImageNet EfficientNet-Lite0 split at `CUTS[cut]`; trunk frozen, both uncompiled."""
+def network_size(input_scale: float = 1.0) -> int:
+    """Side of the square the network runs on: the model input's side times `input_scale`."""
+    return int(round(IMAGE_SIZE * input_scale))
+
+
+def build_parts(cut: str, input_scale: float = 1.0):
+    """(trunk, upper_core): ImageNet EfficientNet-Lite0 split at `CUTS[cut]`; trunk frozen, both uncompiled.
+
+    The trunk takes the (N, 224, 224, 1) model input; with `input_scale` > 1 its first layer resizes it
+    (bilinear) to `network_size(input_scale)` before the network."""
     import keras
 
     from mammo_core.models.efficientnet_lite import build_efficientnet_lite0, build_upper
 
-    full = build_efficientnet_lite0(input_shape=(IMAGE_SIZE, IMAGE_SIZE, 1), weights="imagenet")
-    if CUTS[cut] is None:  # full fine-tuning: nothing is frozen below the trained part
-        cut_tensor = full.input
-        trunk = keras.Model(full.input, keras.layers.Identity(name="trunk_identity")(full.input), name=TRUNK_NAME)
+    size = network_size(input_scale)
+    full = build_efficientnet_lite0(input_shape=(size, size, 1), weights="imagenet")
+    cut_tensor = full.input if CUTS[cut] is None else full.get_layer(CUTS[cut]).output
+    if size == IMAGE_SIZE:
+        image = full.input
+        # full fine-tuning: nothing is frozen below the trained part, the trunk is the identity
+        out = keras.layers.Identity(name="trunk_identity")(image) if CUTS[cut] is None else cut_tensor
     else:
-        cut_tensor = full.get_layer(CUTS[cut]).output
-        trunk = keras.Model(full.input, cut_tensor, name=TRUNK_NAME)
+        image = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1), name="image")
+        resized = keras.layers.Resizing(size, size, interpolation="bilinear", name="trunk_resize")(image)
+        out = resized if CUTS[cut] is None else keras.Model(full.input, cut_tensor, name="lower")(resized)
+    trunk = keras.Model(image, out, name=TRUNK_NAME)
     trunk.trainable = False
     # built afresh from the cut (not as a view of `full`), so that it and its copies hold only their layers
     core = build_upper(cut, cut_tensor.shape[1:], full)
@@ -111,10 +130,11 @@ def cache_dir() -> Path:
     return features_cache_dir()
 
 
-def _cache_key(paths: Sequence[str], cut: str, preprocessing: str) -> str:
+def _cache_key(paths: Sequence[str], cut: str, preprocessing: str, input_scale: float = 1.0) -> str:
     from mammo_core.training.feature_cache import _weights_id
 
-    digest = hashlib.sha256(f"trunk-v1\t{_weights_id()}\t{cut}\t{preprocessing}\n".encode())
+    scale = "" if input_scale == 1 else f"\tx{input_scale:g}"  # keeps the keys of caches made before the scale
+    digest = hashlib.sha256(f"trunk-v1\t{_weights_id()}\t{cut}\t{preprocessing}{scale}\n".encode())
     for path in paths:
         st = os.stat(path)
         digest.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
@@ -129,21 +149,22 @@ def trunk_function(trunk):
                        input_signature=[tf.TensorSpec((None, IMAGE_SIZE, IMAGE_SIZE, 1), tf.float32)])
 
 
-def cached_activations(paths: Sequence[str], *, cut: str, preprocessing: str, batch_size: int = 64,
-                       chunk: int = 512, log: Callable[[str], None] = print) -> tuple[np.ndarray, float | None]:
+def cached_activations(paths: Sequence[str], *, cut: str, preprocessing: str, input_scale: float = 1.0,
+                       batch_size: int = 64, chunk: int = 512,
+                       log: Callable[[str], None] = print) -> tuple[np.ndarray, float | None]:
     """Trunk activations (N, h, w, c) float16 for image files, in the given order, from the on-disk cache
     (a memory-mapped .npy) or computed once and stored. Returns (activations, extraction seconds or None)."""
     from mammo_core.data.pipeline import load_images
 
     paths = [os.path.abspath(p) for p in paths]
     folder = cache_dir()
-    target = folder / f"trunk-{_cache_key(paths, cut, preprocessing)}.npy"
+    target = folder / f"trunk-{_cache_key(paths, cut, preprocessing, input_scale)}.npy"
     seconds_file = target.with_suffix(".seconds")
     if target.is_file():
         log(f"trunk activations: {len(paths)} from cache {target}")
         seconds = float(seconds_file.read_text()) if seconds_file.is_file() else None
         return np.load(target, mmap_mode="r"), seconds
-    trunk, _ = build_parts(cut)
+    trunk, _ = build_parts(cut, input_scale)
     infer = trunk_function(trunk)
     shape = (len(paths), *trunk.output.shape[1:])
     folder.mkdir(parents=True, exist_ok=True)
@@ -200,7 +221,7 @@ def fit_member(activations: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
     groups = np.asarray(groups)
     keras.utils.set_random_seed(seed)
     if core is None:
-        _, core = build_parts(recipe.cut)
+        _, core = build_parts(recipe.cut, recipe.input_scale)
     member = _compiled_member(core, recipe, index)
     rng = np.random.default_rng(seed)
     val_rows = _per_group_sample(np.asarray(val_idx), groups, recipe.val_copies_per_source, rng)
@@ -298,13 +319,14 @@ def pooled_activations(activations: np.ndarray, chunk: int = 1024) -> np.ndarray
                            for i in range(0, len(activations), chunk)])
 
 
-def build_ensemble(members: Sequence[Any], cut: str, ood_weights: tuple[np.ndarray, np.ndarray]):
+def build_ensemble(members: Sequence[Any], cut: str, ood_weights: tuple[np.ndarray, np.ndarray],
+                   input_scale: float = 1.0):
     """One Keras model: image (N, 224, 224, 1) in [0, 1] -> [member logits (N, k), whitened pooled trunk
     features (N, c)]. The trunk is a nested model named `TRUNK_NAME`, the k upper parts a nested model
     named `MEMBERS_NAME`, so Grad-CAM can split at the trunk's output."""
     import keras
 
-    trunk, core = build_parts(cut)
+    trunk, core = build_parts(cut, input_scale)
     acts = keras.Input(core.input.shape[1:], name="activations")
     clean = []
     for m in members:  # rebuilt from their config: Keras' clone_model would copy the optimizer into the file
