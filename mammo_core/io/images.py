@@ -7,6 +7,9 @@ Accepted: PNG, JPEG, TIFF (first page), BMP and DICOM (see `mammo_core.io.dicom`
 and empty, truncated, damaged, too large (decompression bombs) or too small input, raises
 `ImageReadError` naming the file.
 
+Orientation: an EXIF Orientation tag (JPEG, PNG) is applied, so the image is the one viewers show
+(Pillow applies a TIFF's own Orientation tag itself).
+
 Grayscale: colour is converted with ITU-R 601-2 luma; transparency is composited onto black
 (a mammogram's background); palette images are expanded first.
 
@@ -42,7 +45,7 @@ import math
 import zlib
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from mammo_core.config import IMAGE_SIZE
 from mammo_core.errors import ImageReadError
@@ -130,7 +133,8 @@ def _check_tiff_rows(img: Image.Image, data: bytes, label: str) -> None:
     """Refuse a TIFF whose strip (or tile) table does not cover every row of its header, or points
     past the end of the file; PIL pads the missing rows with black."""
     tags = img.tag_v2
-    width, height = img.size
+    # the header's own size: Pillow reports the size after the Orientation tag (5-8 swap the sides)
+    width, height = int(tags.get(256, img.size[0])), int(tags.get(257, img.size[1]))
     tiled = 322 in tags and 323 in tags
     if tiled:
         tw, th = int(tags[322]), int(tags[323])
@@ -148,7 +152,7 @@ def _check_tiff_rows(img: Image.Image, data: bytes, label: str) -> None:
     if counts and any(c <= 0 or o + c > len(data) for o, c in zip(offsets, counts)):
         raise _truncated(label, "TIFF strips point past the end of the file")
     if counts and int(tags.get(259, 1) or 1) == 1 and not tiled:  # uncompressed: every row's bytes are there
-        bits = sum(tags.get(258, (8,))) if isinstance(tags.get(258), tuple) else int(tags.get(258, 8))
+        bits = sum(tags.get(258, (1,))) if isinstance(tags.get(258), tuple) else int(tags.get(258, 1))  # TIFF default: 1
         row_bytes = math.ceil(width * bits / 8)
         for i, count in enumerate(counts[:need]):
             rows_here = min(rows, height - i * rows)
@@ -193,6 +197,15 @@ def _pil_to_gray(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def _exif_orientation(img: Image.Image) -> int:
+    """The EXIF Orientation of a loaded image (1 when absent or unreadable); Pillow has already applied and
+    removed a TIFF's own Orientation tag at load."""
+    try:
+        return int(img.getexif().get(ExifTags.Base.Orientation, 1) or 1)
+    except Exception:  # a damaged EXIF block: shown as stored, as viewers do
+        return 1
+
+
 def _decode_pil(data: bytes, label: str) -> LoadedImage:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Truncated files must fail, never be padded with grey; this switch is process-wide.
@@ -212,6 +225,11 @@ def _decode_pil(data: bytes, label: str) -> LoadedImage:
                 img.draft(img.mode if img.mode in ("L", "RGB") else None,
                           (math.ceil(width / factor), math.ceil(height / factor)))
             img.load()  # decode now, so a truncated file fails here (LOAD_TRUNCATED_IMAGES is off)
+            orientation = _exif_orientation(img)
+            if orientation != 1:  # turn it as viewers show it (Pillow already did it for TIFF)
+                ImageOps.exif_transpose(img, in_place=True)
+                if orientation in (5, 6, 7, 8):  # a quarter turn: report the size as shown
+                    width, height = height, width
             decoded = img.size
             factor = reduction_factor(*img.size)
             reduced = _reduce(img, factor) if factor > 1 else img
