@@ -197,6 +197,16 @@ def _pil_to_gray(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+#: File signatures of the formats read through PIL: a file that starts with one but that PIL cannot open
+#: is a damaged or unsupported file of that format, not "not an image".
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+               (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"), (b"BM", "BMP"))
+
+
+def _sniff_format(data: bytes) -> str | None:
+    return next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
+
+
 def _exif_orientation(img: Image.Image) -> int:
     """The EXIF Orientation of a loaded image (1 when absent or unreadable); Pillow has already applied and
     removed a TIFF's own Orientation tag at load."""
@@ -238,6 +248,14 @@ def _decode_pil(data: bytes, label: str) -> LoadedImage:
     except ImageReadError:
         raise
     except UnidentifiedImageError:
+        known = _sniff_format(data)
+        if known is not None:
+            variant = (" or it is a TIFF variant this tool does not read (e.g. 64-bit or 16-bit float, planar colour)"
+                       if known == "TIFF" else "")
+            raise ImageReadError(
+                f"{label}: a {known} file that cannot be read: its header is damaged or truncated{variant}; "
+                "export it again, e.g. as an 8- or 16-bit grayscale PNG."
+            ) from None
         if label.lower().endswith(_DICOM_SUFFIXES):
             raise ImageReadError(
                 f"{label}: named as DICOM but has no DICOM Part 10 header ('DICM' at byte 128); "
@@ -254,7 +272,8 @@ def _decode_pil(data: bytes, label: str) -> LoadedImage:
     except MemoryError:
         raise ImageReadError(f"{label}: image is too large to decode in the available memory.") from None
     except Exception as exc:  # PIL plugins raise OSError, SyntaxError, ValueError, struct.error...
-        raise ImageReadError(f"{label}: image data is damaged or truncated ({exc}).") from None
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__  # one line, whatever the plugin said
+        raise ImageReadError(f"{label}: image data is damaged or truncated ({detail}).") from None
     if array.shape != (out_h, out_w):
         raise ImageReadError(f"{label}: decoded to shape {array.shape}, expected ({out_h}, {out_w}).")
     metadata = {"format": fmt, "mode": mode, "width": width, "height": height, "bit_depth": _MODE_DEPTH.get(mode, 8)}
