@@ -20,7 +20,7 @@ import numpy as np
 from mammo_core.config import CLASS_NAMES, DEFAULT_THRESHOLD, IMAGE_SIZE
 from mammo_core.errors import ImageReadError
 from mammo_core.evaluation.calibration import apply_temperature, card_temperature
-from mammo_core.io.images import Source, load_image, resize_for_model
+from mammo_core.io.images import Source, load_image, read_file, resize_for_model
 from mammo_core.io.pixels import LoadedImage
 from mammo_core.io.preprocessing import LEGACY, PREPROCESSING_ID, Geometry, card_preprocessing, prepare, to_original
 
@@ -411,10 +411,7 @@ def input_warnings(pixels: np.ndarray, prepared: Any, metadata: dict[str, Any] |
 def _decode(source: Source, name: str | None) -> Prediction:
     label = name or (str(source) if isinstance(source, (str, Path)) else "<upload>")
     try:
-        raw = source if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
-    except OSError as exc:
-        return Prediction(name=label, error=f"{label}: cannot be read ({exc.strerror or exc}).")
-    try:
+        raw = source if isinstance(source, (bytes, bytearray, memoryview)) else read_file(source, label)
         image = load_image(bytes(raw), name=label)
     except ImageReadError as exc:
         return Prediction(name=label, error=str(exc))

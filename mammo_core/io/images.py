@@ -49,7 +49,7 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from mammo_core.config import IMAGE_SIZE
 from mammo_core.errors import ImageReadError
-from mammo_core.io.pixels import MAX_PIXELS, LoadedImage, check_size, reduction_factor, to_uint8
+from mammo_core.io.pixels import MAX_FILE_BYTES, MAX_PIXELS, LoadedImage, check_size, reduction_factor, to_uint8
 
 
 #: PIL modes that `Image.reduce` handles; others are converted to grayscale first.
@@ -66,20 +66,33 @@ _DICOM_SUFFIXES = (".dcm", ".dicom")
 Source = Union[str, Path, bytes, bytearray, memoryview]
 
 
-def _read_source(source: Source, name: str | None) -> tuple[bytes, str]:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source), name or "<upload>"
-    path = Path(source)
-    label = name or str(path)
+def read_file(path: str | Path, label: str | None = None) -> bytes:
+    """The bytes of an image file, refusing before reading what cannot be one: a folder, a device or pipe
+    (`/dev/zero` would never end), a file over MAX_FILE_BYTES. Raises ImageReadError naming `label`."""
+    path = Path(path)
+    label = label or str(path)
     try:
-        data = path.read_bytes()
+        size = path.stat().st_size
+        if path.is_dir():
+            raise ImageReadError(f"{label}: is a folder, not an image file.")
+        if not path.is_file():
+            raise ImageReadError(f"{label}: is not a regular file (a device, pipe or socket); give an image file.")
+        if size > MAX_FILE_BYTES:
+            raise ImageReadError(f"{label}: file is {size:,} bytes, over the limit of {MAX_FILE_BYTES:,} for one image.")
+        return path.read_bytes()
     except FileNotFoundError:
         raise ImageReadError(f"{label}: file not found.") from None
     except IsADirectoryError:
         raise ImageReadError(f"{label}: is a folder, not an image file.") from None
     except OSError as exc:
         raise ImageReadError(f"{label}: cannot be read ({exc.strerror or exc}).") from None
-    return data, label
+
+
+def _read_source(source: Source, name: str | None) -> tuple[bytes, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), name or "<upload>"
+    label = name or str(source)
+    return read_file(source, label), label
 
 
 def is_dicom_bytes(data: bytes) -> bool:

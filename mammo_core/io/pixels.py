@@ -19,6 +19,11 @@ from mammo_core.errors import ImageReadError
 MAX_PIXELS: int = 80_000_000
 
 
+#: Largest file read, in bytes, checked before reading. The largest image accepted (MAX_PIXELS) stored
+#: uncompressed as 32-bit RGBA or float, or as 16-bit RGB DICOM, is 320-480 MB; anything bigger is not one image.
+MAX_FILE_BYTES: int = 1 << 30
+
+
 #: Smallest side accepted, in pixels: below this there is nothing to classify.
 MIN_SIDE: int = 32
 
