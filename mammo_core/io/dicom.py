@@ -27,6 +27,7 @@ only the fields listed in `_metadata`.
 
 from __future__ import annotations
 
+import re
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
@@ -74,13 +75,21 @@ def decode_dicom(data: bytes, label: str) -> LoadedImage:
     except Exception as exc:  # pydicom raises many types on damaged headers
         raise ImageReadError(f"{label}: DICOM header is damaged or truncated ({_short(exc)}).") from None
 
-    syntax = _check_header(ds, label)
-    stored = _decode_pixels(ds, syntax, label)
-    factor = reduction_factor(stored.shape[1], stored.shape[0])
-    if factor > 1:
-        stored = downsample(stored, factor)
-    pixels, voi = _display(stored, ds, label)
-    metadata = _metadata(ds, syntax, voi)
+    try:
+        syntax = _check_header(ds, label)
+        stored = _decode_pixels(ds, syntax, label)
+        factor = reduction_factor(stored.shape[1], stored.shape[0])
+        if factor > 1:
+            stored = downsample(stored, factor)
+        pixels, voi = _display(stored, ds, label)
+        metadata = _metadata(ds, syntax, voi)
+    except (ImageReadError, MemoryError):
+        raise
+    except Exception as exc:
+        # pydicom reads elements when first used; a damaged one fails there. Its tag and the error's type
+        # only: the error's text may quote the bytes read, which can be another element's (a patient's name).
+        raise ImageReadError(f"{label}: DICOM header is damaged: {_where(exc)} could not be read "
+                             f"({type(exc).__name__}).") from None
     if factor > 1:
         metadata.update(reduced_width=int(pixels.shape[1]), reduced_height=int(pixels.shape[0]), reduced_by=factor,
                         reduced_how="block mean after decode")
@@ -115,6 +124,12 @@ def downsample(stored: np.ndarray, factor: int, block_rows: int = 64) -> np.ndar
 def _short(exc: BaseException, limit: int = 200) -> str:
     text = " ".join(f"{type(exc).__name__}: {exc}".split())  # plugin errors span several lines
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _where(exc: BaseException) -> str:
+    """'element (gggg,eeee)' when pydicom's error names the element it was reading, else 'an element'."""
+    found = re.search(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)", str(exc))
+    return f"element ({found[1].upper()},{found[2].upper()})" if found else "an element"
 
 
 def _syntax_text(syntax: Any) -> str:
@@ -218,11 +233,20 @@ def _int(value: Any, default: int) -> int:
 
 
 def _decode_pixels(ds: "Dataset", syntax: Any, label: str) -> np.ndarray:
+    from pydicom.uid import RLELossless
+
+    if syntax == RLELossless:
+        # pydicom's own RLE decoder rather than pylibjpeg-rle, which panics (in Rust, printing a backtrace on
+        # stderr) on some damaged segments; a 12-megapixel mammogram costs about 0.4 s more.
+        ds.pixel_array_options(decoding_plugin="pydicom")
     try:
         arr = ds.pixel_array
     except MemoryError:
         raise ImageReadError(f"{label}: DICOM image is too large to decode in the available memory.") from None
-    except Exception as exc:  # decoders raise ValueError, RuntimeError, KeyError... on damaged data
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # decoders raise ValueError, RuntimeError, KeyError... on damaged data, and
+        # Rust ones (pylibjpeg-rle) a PanicException, which is a BaseException
         raise ImageReadError(
             f"{label}: DICOM pixel data ({_syntax_text(syntax)}) is damaged or truncated and could not "
             f"be decoded ({_short(exc)})."
