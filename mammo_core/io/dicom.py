@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_PARTIAL_422", "YBR_ICT", "YBR_RCT")
+_CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")
 #: ITU-R 601-2 luma, the weights PIL's convert("L") uses, so colour DICOM matches colour PNG.
 _LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -68,6 +70,9 @@ def decode_dicom(data: bytes, label: str) -> LoadedImage:
 
     from pydicom.errors import InvalidDicomError
 
+    # pydicom's value checks warn with the offending value, and a damaged length makes that value the next
+    # few hundred bytes of the header: patient name and ID included. Checks off (process-wide, for every reader).
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     try:
         ds = pydicom.dcmread(BytesIO(data), force=False)
     except InvalidDicomError:
@@ -132,7 +137,15 @@ def _where(exc: BaseException) -> str:
     return f"element ({found[1].upper()},{found[2].upper()})" if found else "an element"
 
 
+def _cs_text(value: str) -> str:
+    """A code string as messages quote it, or 'an invalid value' (in a damaged file it may run on into the
+    elements after it, a patient's name among them)."""
+    return f"'{value}'" if _CODE_STRING.fullmatch(value) else "an invalid value"
+
+
 def _syntax_text(syntax: Any) -> str:
+    if not getattr(syntax, "is_valid", False):  # a damaged length makes the UID swallow the header after it
+        return "(an invalid Transfer Syntax UID)"
     name = getattr(syntax, "name", str(syntax))
     return f"'{name}'" if name == str(syntax) else f"'{name}' ({syntax})"
 
@@ -196,13 +209,13 @@ def _check_photometric(ds: "Dataset", label: str) -> None:
         photometric = "MONOCHROME2"
     if samples == 1 and photometric not in (*_MONOCHROME, "PALETTE COLOR"):
         raise ImageReadError(
-            f"{label}: DICOM photometric interpretation '{photometric or 'missing'}' is not supported "
-            "for a single-sample image (expected MONOCHROME1 or MONOCHROME2)."
+            f"{label}: DICOM photometric interpretation {_cs_text(photometric) if photometric else 'missing'} is "
+            "not supported for a single-sample image (expected MONOCHROME1 or MONOCHROME2)."
         )
-    if samples == 3 and photometric in (*_MONOCHROME, "PALETTE COLOR"):
+    if samples == 3 and photometric not in _COLOUR:
         raise ImageReadError(
             f"{label}: DICOM header is inconsistent: 3 samples per pixel with photometric "
-            f"interpretation '{photometric}'."
+            f"interpretation {_cs_text(photometric)}."
         )
 
 
@@ -323,8 +336,9 @@ def _pipeline(
 
     try:
         modality = _modality(values, ds, apply_modality_lut)
-    except Exception as exc:
-        raise ImageReadError(f"{label}: DICOM modality LUT / rescale is invalid ({_short(exc)}).") from None
+    except Exception as exc:  # the error's text would quote the value read
+        raise ImageReadError(f"{label}: DICOM modality LUT / rescale is invalid (Rescale Slope/Intercept or the "
+                             f"Modality LUT could not be read: {type(exc).__name__}).") from None
 
     out: np.ndarray | None = None
     if voi["voi"] == "voi_lut":
@@ -409,8 +423,10 @@ def _metadata(ds: "Dataset", syntax: Any, voi: dict[str, Any]) -> dict[str, Any]
     """Technical fields only. Nothing that identifies a patient, study, device or institution."""
 
     def code(keyword: str) -> str | None:
-        value = ds.get(keyword)
-        return str(value).strip()[:16] or None if value not in (None, "") else None
+        # A code string (CS: capitals, digits, space, underscore, at most 16), else None: in a damaged file
+        # the value may run on into the elements after it.
+        value = str(ds.get(keyword) or "").strip()
+        return value if _CODE_STRING.fullmatch(value) else None
 
     metadata: dict[str, Any] = {
         "format": "DICOM",
