@@ -397,6 +397,12 @@ OOD_WARNING = ("This image looks unlike the mammograms the model was trained on 
                "the training images'); the score may be meaningless.")
 
 
+#: Shown for a DICOM "For Processing" image (raw detector data, which the PACS path never scores).
+FOR_PROCESSING_WARNING = ("This DICOM image is 'For Processing' (raw detector data, before the processing that makes "
+                          "the image a reader sees); the model was trained on processed mammograms, so the score may "
+                          "be meaningless. Score the 'For Presentation' image instead.")
+
+
 def input_warnings(pixels: np.ndarray, prepared: Any, metadata: dict[str, Any] | None = None) -> list[str]:
     """Cheap checks on a decoded image, as sentences a person can read (empty when nothing is wrong)."""
     if int(pixels.max()) - int(pixels.min()) < 8 or float(pixels.std()) < 2.0:
@@ -405,6 +411,8 @@ def input_warnings(pixels: np.ndarray, prepared: Any, metadata: dict[str, Any] |
     if (metadata or {}).get("photometric_assumed"):
         out.append("The DICOM file does not say whether low values are dark or bright (no Photometric "
                    "Interpretation); it was read as MONOCHROME2. Check that the image is not inverted.")
+    if (metadata or {}).get("for_processing"):
+        out.append(FOR_PROCESSING_WARNING)
     return out
 
 

@@ -238,6 +238,12 @@ def _check_decoder(syntax: Any, label: str) -> None:
         )
 
 
+def _uid_name(value: Any) -> str:
+    from pydicom.uid import UID
+
+    return UID(str(value)).name if value else ""
+
+
 def _int(value: Any, default: int) -> int:
     try:
         return int(value) if value not in (None, "") else default
@@ -441,5 +447,7 @@ def _metadata(ds: "Dataset", syntax: Any, voi: dict[str, Any]) -> dict[str, Any]
     }
     if getattr(ds, "private_assumed_photometric", False):
         metadata["photometric_assumed"] = True
+    if code("PresentationIntentType") == "FOR PROCESSING" or "For Processing" in _uid_name(ds.get("SOPClassUID")):
+        metadata["for_processing"] = True  # raw detector data, not the image a reader sees
     metadata.update(voi)
     return metadata
