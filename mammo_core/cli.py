@@ -325,16 +325,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
     rejected = 0
+    stems: set[str] = set()  # of the files written so far for this run's inputs
     bar, progress = _progress_bar(args, len(paths))
     for pred in score_paths(predictor, paths, with_cam=outdir is not None, keep_images=outdir is not None,
                             batch_size=args.batch_size, progress=progress, started=started):
         if pred.error is not None:
             rejected += 1
-        else:
+        elif outdir is not None or inputs_dir is not None:
+            stem = _output_stem(pred.name, stems)
             if outdir is not None:
-                _save_overlay(pred, outdir)
+                _save_overlay(pred, outdir, stem)
             if inputs_dir is not None:
-                _save_input(pred, inputs_dir)
+                _save_input(pred, inputs_dir, stem)
         row = pred.to_json(predictor.name)
         if predictor.tta != "none" and pred.error is None:
             row["tta"] = predictor.tta  # rows without the key were scored on the plain view
@@ -483,20 +485,45 @@ def _predict_ray(args: argparse.Namespace, paths: list) -> int:
     return EXIT_REJECTED if rejected else EXIT_OK
 
 
-def _save_overlay(pred, outdir: Path) -> None:
+def _output_stem(name: str, taken: set[str]) -> str:
+    """The stem the files written for input `name` get: its own stem, else (another input of this run had it:
+    a.png and a.dcm, or two folders' a.png) the stem and extension, then a number; so no output overwrites another."""
+    path = Path(name)
+    stem = path.stem
+    if stem in taken:
+        stem = f"{path.stem}_{path.suffix.lstrip('.')}" if path.suffix else path.stem
+        base, n = stem, 2
+        while stem in taken:
+            stem, n = f"{base}_{n}", n + 1
+    taken.add(stem)
+    return stem
+
+
+def _save_png(pixels, target: Path) -> None:
+    """Write a PNG whole or not at all (a temporary file, then renamed): never a half-written file."""
+    import tempfile
+
     from PIL import Image
 
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            Image.fromarray(pixels).save(fh, format="PNG")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_overlay(pred, outdir: Path, stem: str) -> None:
     from mammo_core.inference.explain import overlay
 
-    target = outdir / (Path(pred.name).stem + "_gradcam.png")
-    Image.fromarray(overlay(pred.image.pixels, pred.heatmap_on_original())).save(target)
+    _save_png(overlay(pred.image.pixels, pred.heatmap_on_original()), outdir / f"{stem}_gradcam.png")
 
 
-def _save_input(pred, outdir: Path) -> None:
+def _save_input(pred, outdir: Path, stem: str) -> None:
     """The model's own view of the image (the preprocessed 224x224 input) as a PNG."""
-    from PIL import Image
-
-    Image.fromarray(pred.model_input).save(outdir / (Path(pred.name).stem + "_input.png"))
+    _save_png(pred.model_input, outdir / f"{stem}_input.png")
 
 
 RECIPE_HELP = ("efficientnet-lite0-ft: change a field of the fine-tuning recipe (repeatable), e.g. learning_rate=3e-4; "
