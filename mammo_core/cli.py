@@ -676,8 +676,17 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_models)
 
 
+def _quiet_readers() -> None:
+    """No warnings from the image readers on stderr: they name no file ("<no filename>"), span two lines, and
+    what they flag is either reported in the input's own row (a refused file) or harmless (padding removed)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"(pydicom|PIL)(\.|$)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_tensorflow()
+    _quiet_readers()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
