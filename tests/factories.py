@@ -82,3 +82,41 @@ def minimal_card(**fields) -> dict:
             "evaluation": {"note": ""}, "metrics": {}}
     card.update(fields)
     return card
+
+
+#: Fake patient identifiers that `dicom_bytes` writes into every file; no output may ever show them.
+PATIENT_NAME, PATIENT_ID = "DOE^JANE", "PID-12345"
+DIGITAL_MG = "1.2.840.10008.5.1.4.1.1.1.2"  # Digital Mammography X-Ray Image Storage - For Presentation
+
+
+def dicom_bytes(pixels: np.ndarray, *, transfer_syntax: str | None = None, **attrs) -> bytes:
+    """A single-frame MG DICOM Part 10 file holding `pixels` (uint8/uint16/int16, or (H, W, 3) uint8 with
+    attrs PhotometricInterpretation="RGB") uncompressed, with PATIENT_NAME and PATIENT_ID in its header.
+    `attrs` set or override elements by keyword (12 bits stored for 16-bit data unless BitsStored is given)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = attrs.get("SOPClassUID", DIGITAL_MG)
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+    ds.Modality = "MG"
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel = 1 if pixels.ndim == 2 else pixels.shape[2]
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    if pixels.ndim == 3:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = 12 if ds.BitsAllocated == 16 else ds.BitsAllocated
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+    ds.PixelData = pixels.tobytes()
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    ds.HighBit = ds.BitsStored - 1
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
