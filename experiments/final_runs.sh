@@ -11,8 +11,8 @@ best=$($PY - <<'PY'
 import json
 rows=[json.loads(l) for l in open("experiments/selection.jsonl")]
 best=max(rows, key=lambda r: r["mean_validation_auc"])
-default={"cut":"block6a","learning_rate":0.0001,"weight_decay":0.0001,"max_epochs":8,"patience":3,"copies_per_source":16,"val_copies_per_source":8,"dropout":0.3,"batch_size":32}
-args=[f"--recipe {k}={v}" for k,v in best["recipe"].items() if default.get(k)!=v]
+# every field named: Recipe()'s defaults have changed since (rows from before input_scale ran at 1)
+args=[f"--recipe {k}={v}" for k,v in {"input_scale": 1.0, **best["recipe"]}.items()]
 print(best["name"], best["preprocessing"], " ".join(args))
 PY
 )

@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 
 from mammo_core.data.datasets import default_patient_map, load_patient_map  # noqa: E402
 from mammo_core.data.pipeline import load_images  # noqa: E402
-from mammo_core.evaluation.bootstrap import cluster_bootstrap, point_metrics  # noqa: E402
+from mammo_core.evaluation.bootstrap import cluster_bootstrap, paired_auc_difference, point_metrics  # noqa: E402
 from mammo_core.evaluation.metrics import auc  # noqa: E402
 from mammo_core.inference.ensemble import DIHEDRAL8, EnsembleScorer  # noqa: E402
 from mammo_core.store.registry import load_model  # noqa: E402
@@ -53,22 +53,6 @@ def score_members(model, card, paths: list[str], log) -> dict[str, np.ndarray]:
         if done == len(paths) or (start // CHUNK) % 10 == 0:
             log(f"{done}/{len(paths)} images, {time.time() - t0:.0f} s")
     return {tta: np.concatenate(parts) for tta, parts in out.items()}
-
-
-def paired_auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndarray, *, n_boot: int,
-                          seed: int = 0) -> list[float]:
-    """95 % percentile interval of AUC(b) - AUC(a), both arms on the same resampled groups (drawn as
-    `cluster_bootstrap` draws them); written here because `cluster_bootstrap` gives each arm's interval only."""
-    codes, uniques = pd.factorize(pd.Series(groups).astype(str))
-    members = [np.flatnonzero(codes == i) for i in range(len(uniques))]
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n_boot):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
-        diffs.append(auc(y[idx], b[idx]) - auc(y[idx], a[idx]))
-    diffs = np.asarray(diffs)
-    diffs = diffs[np.isfinite(diffs)]
-    return [float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))] if diffs.size else [float("nan")] * 2
 
 
 def main(argv: list[str] | None = None) -> int:

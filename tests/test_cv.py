@@ -80,6 +80,25 @@ def test_cluster_bootstrap_resamples_groups_not_copies():
         assert many[metric][0] <= point[metric] <= many[metric][1]
 
 
+def test_paired_auc_difference_cancels_what_the_arms_share():
+    """Two arms that differ by a small constant gain on every malignant group: the paired interval is narrow
+    and excludes zero, where the two arms' own intervals overlap; identical arms give exactly [0, 0]."""
+    from mammo_core.evaluation.bootstrap import paired_auc_difference
+
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(20, int), np.ones(30, int)]
+    logit = rng.normal(0.0, 1.0, 50) + 0.8 * y
+    a, b = 1 / (1 + np.exp(-logit)), 1 / (1 + np.exp(-(logit + 0.3 * y)))
+    groups = np.arange(50)
+    lo, hi = paired_auc_difference(y, a, b, groups, n_boot=300, seed=2)
+    assert 0 < lo <= hi
+    own_a, own_b = cluster_bootstrap(y, a, groups, n_boot=300, seed=2)["auc"], cluster_bootstrap(y, b, groups, n_boot=300, seed=2)["auc"]
+    assert own_b[0] < own_a[1]  # unpaired intervals overlap
+    assert paired_auc_difference(y, a, a, groups, n_boot=50) == [0.0, 0.0]
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_auc_difference(y, a, b[:-1], groups)
+
+
 def test_point_metrics_by_hand():
     m = point_metrics(np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.6, 0.7, 0.4, 0.9]), threshold=0.5)
     assert m["accuracy"] == pytest.approx(3 / 5)

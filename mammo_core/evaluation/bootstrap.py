@@ -60,3 +60,24 @@ def cluster_bootstrap(labels: Sequence[int], probabilities: Sequence[float], gro
         out[m] = ([float(np.quantile(arr, alpha / 2)), float(np.quantile(arr, 1 - alpha / 2))]
                   if arr.size else [float("nan"), float("nan")])
     return out
+
+
+def paired_auc_difference(labels: Sequence[int], a: Sequence[float], b: Sequence[float], groups: Sequence[Any], *,
+                          n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> list[float]:
+    """Percentile (1 - alpha) interval of AUC(b) - AUC(a) for two sets of scores of the same rows, both
+    arms on the same resampled groups (drawn as `cluster_bootstrap` draws them), so what the two share
+    (the images, their difficulty) cancels. Replicates with one class only are left out."""
+    y = np.asarray(labels, dtype=int)
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if not (len(y) == len(a) == len(b) == len(groups)):
+        raise ValueError(f"labels, scores and groups differ in length: {len(y)}, {len(a)}, {len(b)}, {len(groups)}")
+    codes, uniques = pd.factorize(pd.Series(np.asarray(groups)).astype(str))
+    members = [np.flatnonzero(codes == i) for i in range(len(uniques))]
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        diffs.append(auc_score(y[idx], b[idx]) - auc_score(y[idx], a[idx]))
+    arr = np.asarray(diffs, dtype=float)
+    arr = arr[np.isfinite(arr)]
+    return [float(np.quantile(arr, alpha / 2)), float(np.quantile(arr, 1 - alpha / 2))] if arr.size else [float("nan")] * 2

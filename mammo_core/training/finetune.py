@@ -37,10 +37,13 @@ ARCHITECTURE = "efficientnet-lite0-ft"
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one member is fine-tuned. Every field is recorded in the model card."""
+    """How one member is fine-tuned. Every field is recorded in the model card.
+
+    The defaults are the shipped default's recipe ("I" in docs/EXPERIMENTS.md, chosen on validation parts),
+    so `train --arch efficientnet-lite0-ft` and the app's Retrain page reproduce it."""
 
     cut: str = "block6a"
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-4
     weight_decay: float = 1e-4
     max_epochs: int = 8
     patience: int = 3  # epochs without a better validation AUC before stopping (the best epoch is restored)
@@ -50,7 +53,7 @@ class Recipe:
     batch_size: int = 32
     #: the 224x224 model input is resized (bilinear) by this factor inside the trunk before the network: the
     #: ImageNet filters then see the breast's structures larger (the model's input contract stays 224x224)
-    input_scale: float = 1.0
+    input_scale: float = 2.0
 
     def validate(self) -> None:
         if self.cut not in CUTS:
