@@ -308,3 +308,25 @@ def test_cli_keeps_reader_warnings_off_stderr():
         cli._quiet_readers()
         load_image(data, name="zero_frames.dcm")
     assert caught == []
+
+
+def test_pacs_readers_turn_pydicom_value_checks_off():
+    """The PACS package (DICOMweb, C-GET, C-STORE datasets decoded as read) and the file reader both turn
+    pydicom's value checks off, so a damaged header is never quoted in a warning or a log."""
+    import importlib
+
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.WARN
+    import mammo_core.pacs
+
+    importlib.reload(mammo_core.pacs)
+    assert pydicom.config.settings.reading_validation_mode == pydicom.config.IGNORE
+    pydicom.config.settings.reading_validation_mode = pydicom.config.WARN
+    from mammo_core.pacs.study import image_from_bytes
+
+    from pydicom.uid import generate_uid
+
+    uids = {key: generate_uid() for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    image = image_from_bytes(dicom_bytes(synthetic_mammogram(0, malignant=False, size=64), **uids))
+    assert image.data and pydicom.config.settings.reading_validation_mode == pydicom.config.IGNORE

@@ -47,6 +47,15 @@ _CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")
 _LUMA = np.array([0.299, 0.587, 0.114])
 
 
+def quiet_value_checks() -> None:
+    """Turn pydicom's read-time value checks off (process-wide). They warn and log with the offending value,
+    and in a damaged file a bad length makes that value the next few hundred bytes of the header: the
+    patient's name and ID included. Every reader of untrusted DICOM bytes calls this first."""
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
 def decode_dicom(data: bytes, label: str) -> LoadedImage:
     """Decode DICOM Part 10 bytes into a 2-D uint8 image (see the module docstring for the rules).
 
@@ -70,9 +79,7 @@ def decode_dicom(data: bytes, label: str) -> LoadedImage:
 
     from pydicom.errors import InvalidDicomError
 
-    # pydicom's value checks warn with the offending value, and a damaged length makes that value the next
-    # few hundred bytes of the header: patient name and ID included. Checks off (process-wide, for every reader).
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    quiet_value_checks()
     try:
         ds = pydicom.dcmread(BytesIO(data), force=False)
     except InvalidDicomError:

@@ -8,6 +8,12 @@ storage SCP that scores studies routed to it) and `cli` (the `python -m mammo_co
 A research tool, not a diagnostic device: every result carries that disclaimer.
 """
 
+from mammo_core.io.dicom import quiet_value_checks
+
 from .errors import PacsError
+
+# Datasets arrive from servers and peers (DICOMweb, C-GET, C-STORE) and are decoded by pydicom as they are
+# read: its value checks would quote a damaged header, a patient's name among it, in warnings and logs.
+quiet_value_checks()
 
 __all__ = ["PacsError"]

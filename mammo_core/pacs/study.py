@@ -102,6 +102,9 @@ def image_from_dataset(ds: Dataset, data: bytes | None = None) -> StudyImage:
 
 def image_from_bytes(data: bytes) -> StudyImage:
     """A StudyImage from DICOM Part 10 bytes (e.g. a file a listener received)."""
+    from mammo_core.io.dicom import quiet_value_checks
+
+    quiet_value_checks()  # no header bytes (a patient's name) in pydicom's warnings for a damaged file
     return image_from_dataset(dcmread(BytesIO(data), stop_before_pixels=True), data=data)
 
 
