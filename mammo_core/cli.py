@@ -226,14 +226,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not entries:
         print("no models found")
         return EXIT_OK
-    print(f"{'':2}{'name':32} {'architecture':18} {'split':8} {'test AUC':>8} {'test acc':>8}  created")
+    # columns as wide as their longest entry, so long names and split protocols stay aligned
+    w_name = max(len("name"), *(len(e.name) for e in entries))
+    w_arch = max(len("architecture"), *(len(str(e.card.get("architecture", "?"))) for e in entries))
+    w_split = max(len("split"), *(len(str(e.card.get("split", {}).get("protocol", "?"))) for e in entries))
+    print(f"{'':2}{'name':{w_name}} {'architecture':{w_arch}} {'split':{w_split}} {'test AUC':>8} {'test acc':>8}  created")
     for e in entries:
         test = e.card.get("metrics", {}).get("test", {})
         mark = "* " if e.name == active else "  "
         if e.problem:
-            print(f"{mark}{e.name:32} problem: {e.problem}")
+            print(f"{mark}{e.name:{w_name}} problem: {e.problem}")
             continue
-        print(f"{mark}{e.name:32} {e.card.get('architecture', '?'):18} {e.card.get('split', {}).get('protocol', '?'):8} "
+        print(f"{mark}{e.name:{w_name}} {str(e.card.get('architecture', '?')):{w_arch}} "
+              f"{str(e.card.get('split', {}).get('protocol', '?')):{w_split}} "
               f"{test.get('auc', float('nan')):8.3f} {test.get('accuracy', float('nan')):8.3f}  {e.created}")
     print("(* = active model, used by the app and by predict without --model)")
     return EXIT_OK

@@ -83,6 +83,22 @@ def test_models_lists_active(tiny_weights, capsys):
     assert rows["tiny-paper"]["protocol"] == "paper"
 
 
+def test_models_table_columns_line_up_with_long_names(tiny_weights, tmp_path, capsys):
+    import shutil
+
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_weights, weights)
+    long = "a-model-name-longer-than-thirty-two-characters"
+    shutil.copytree(weights / "tiny-paper", weights / long)
+    assert main(["--weights", str(weights), "models"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("  ", "* "))]
+    rows = [line for line in lines if "paper-cnn" in line or "architecture" in line]
+    assert any(long in line for line in rows) and len(rows) >= 3
+    # the architecture column starts at the same offset on every row, the header's included
+    assert len({line.index("architecture") if "architecture" in line and "name" in line else line.index("paper-cnn")
+                for line in rows}) == 1
+
+
 def test_evaluate_reads_recorded_predictions(tiny_weights, capsys):
     assert main(["--weights", str(tiny_weights), "evaluate", "--model", "tiny-paper", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
