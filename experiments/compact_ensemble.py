@@ -24,7 +24,7 @@ from mammo_core.training import finetune  # noqa: E402
 
 def main(model_dir: Path) -> int:
     old, card = load_model(model_dir)
-    recipe = finetune.Recipe(**{"input_scale": 1.0, **card["training"]["recipe"]})  # cards before input_scale ran at 1
+    recipe = finetune.Recipe.from_card(card["training"]["recipe"])
     _, core = finetune.build_parts(recipe.cut)
     members_old = old.get_layer(finetune.MEMBERS_NAME)
     k = card["ensemble"]["members"]

@@ -12,7 +12,8 @@ import json
 rows=[json.loads(l) for l in open("experiments/selection.jsonl")]
 best=max(rows, key=lambda r: r["mean_validation_auc"])
 # every field named: Recipe()'s defaults have changed since (rows from before input_scale ran at 1)
-args=[f"--recipe {k}={v}" for k,v in {"input_scale": 1.0, **best["recipe"]}.items()]
+from mammo_core.training.finetune import Recipe, recipe_dict
+args=[f"--recipe {k}={v}" for k,v in recipe_dict(Recipe.from_card(best["recipe"])).items()]
 print(best["name"], best["preprocessing"], " ".join(args))
 PY
 )

@@ -47,7 +47,7 @@ def features(images: np.ndarray, size: int) -> dict[str, np.ndarray]:
     return {n: np.concatenate(v) for n, v in acc.items()}
 
 
-def probe_auc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, train: np.ndarray, val: np.ndarray, frame) -> float:
+def probe_auc(x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, frame) -> float:
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.metrics import roc_auc_score
     from sklearn.pipeline import make_pipeline
@@ -65,7 +65,6 @@ def main() -> None:
     frame = scan_dataset(DATA).reset_index(drop=True)
     folds, val_masks = fold_assignment(frame, k=5, seed=0, group_by="source")
     y = frame["label"].to_numpy()
-    groups = frame["group"].to_numpy()
     images = None
     os.makedirs(CACHE, exist_ok=True)
     only = [int(s) for s in sys.argv[1:]] or SCALES
@@ -81,7 +80,7 @@ def main() -> None:
             for f in range(5):
                 val = np.flatnonzero(val_masks[f])
                 train = np.flatnonzero((folds != f) & ~val_masks[f])
-                aucs.append(round(probe_auc(feats[layer], y, groups, train, val, frame), 4))
+                aucs.append(round(probe_auc(feats[layer], y, train, val, frame), 4))
             row = {"scale": size, "layer": layer, "fold_val_auc": aucs, "mean_validation_auc": round(float(np.mean(aucs)), 4)}
             print("RESULT", json.dumps(row), flush=True)
             with open("experiments/probe_scale.jsonl", "a") as fh:

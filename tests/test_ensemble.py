@@ -130,6 +130,14 @@ def test_recipe_validation():
     finetune.Recipe(input_scale=1.5).validate()
 
 
+def test_recipe_from_a_card_that_predates_a_field():
+    """An older card has no input_scale: its model ran at 1, whatever today's default; unknown keys are ignored."""
+    old = {"cut": "block6a", "learning_rate": 3e-4, "copies_per_source": 32}
+    assert finetune.Recipe().input_scale == 2.0
+    assert finetune.Recipe.from_card(old) == finetune.Recipe(learning_rate=3e-4, copies_per_source=32, input_scale=1.0)
+    assert finetune.Recipe.from_card({**old, "input_scale": 2.0, "later_field": 1}).input_scale == 2.0
+
+
 def test_input_scale_resizes_inside_the_trunk():
     """With input_scale 2 the trunk takes the 224x224 model input and equals the 448x448 network's lower
     part on the bilinearly resized image; the cached activations get their own cache key."""

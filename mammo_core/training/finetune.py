@@ -20,7 +20,7 @@ import functools
 import hashlib
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -68,6 +68,17 @@ class Recipe:
         if not 1 <= self.input_scale <= 4 or round(IMAGE_SIZE * self.input_scale) % 16:
             raise ValueError(f"input_scale must be in [1, 4] with {IMAGE_SIZE} x input_scale a multiple of 16 "
                              f"(1, 1.5, 2, ...), got {self.input_scale}")
+
+    @classmethod
+    def from_card(cls, recorded: dict[str, Any]) -> "Recipe":
+        """The recipe a model card records. A field the card predates takes the value the model was trained
+        with (`FIELDS_BEFORE_THEY_EXISTED`), not today's default."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{**FIELDS_BEFORE_THEY_EXISTED, **{k: v for k, v in recorded.items() if k in known}})
+
+
+#: Recipe fields added after the first cards were written, with the value those cards' models were trained with.
+FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {"input_scale": 1.0}
 
 
 # --- the two parts -----------------------------------------------------------------------------------
