@@ -33,7 +33,7 @@ def _contenders() -> dict:
                                                drop_connect_rate=0.0)
     out[FULL] = (full, (224, 224, 1), True)
     for cut in finetune.CUTS:
-        if finetune.CUTS[cut] is None:  # "stem" is full fine-tuning, the row above
+        if cut == "stem":  # full fine-tuning, the row above
             continue
         _, core = finetune.build_parts(cut)
         member = finetune.build_member(core, finetune.Recipe(cut=cut))

@@ -92,7 +92,7 @@ def single_member(predictor: Any, index: int = 0) -> Any:
     recipes = [(card.get("training") or {}).get("recipe"), ((card.get("cross_validation") or {}).get("training") or {}).get("recipe"),
                (card.get("config") or {}).get("recipe")]
     recipe = finetune.Recipe.from_card(next((r for r in recipes if r and r.get("cut")), {}))
-    one = finetune.build_ensemble([member], recipe.cut, (whiten[0], whiten[1]), recipe.input_scale)
+    one = finetune.build_ensemble([member], recipe.cut, (whiten[0], whiten[1]), recipe.input_scale, recipe.backbone)
     temps = card["ensemble"]["temperatures"]
     one_card = {**card, "name": f"{card.get('name', 'ensemble')} (member {index} alone)",
                 "ensemble": {**card["ensemble"], "members": 1, "temperatures": [temps[index]]}}

@@ -128,6 +128,9 @@ def test_recipe_validation():
         with pytest.raises(ValueError, match="input_scale"):
             finetune.Recipe(input_scale=bad).validate()
     finetune.Recipe(input_scale=1.5).validate()
+    with pytest.raises(ValueError, match="backbone must be one of lite0, lite1, lite2, got 'lite4'"):
+        finetune.Recipe(backbone="lite4").validate()
+    finetune.Recipe(backbone="lite2").validate()
 
 
 def test_recipe_from_a_card_that_predates_a_field():
@@ -136,6 +139,30 @@ def test_recipe_from_a_card_that_predates_a_field():
     assert finetune.Recipe().input_scale == 2.0
     assert finetune.Recipe.from_card(old) == finetune.Recipe(learning_rate=3e-4, copies_per_source=32, input_scale=1.0)
     assert finetune.Recipe.from_card({**old, "input_scale": 2.0, "later_field": 1}).input_scale == 2.0
+    assert finetune.Recipe.from_card(old).backbone == "lite0"
+    assert finetune.Recipe.from_card({**old, "backbone": "lite2"}).backbone == "lite2"
+
+
+def test_trunk_layer_is_the_block_before_the_cut_in_each_backbone():
+    assert finetune.trunk_layer("stem") is None
+    assert [finetune.trunk_layer(c) for c in ("block5a", "block6a", "block7a")] == [
+        "block4c_add", "block5c_add", "block6d_add"]
+    for deeper in ("lite1", "lite2"):  # stages 4, 5, 6 have 4, 4, 5 blocks instead of 3, 3, 4
+        assert [finetune.trunk_layer(c, deeper) for c in ("block5a", "block6a", "block7a")] == [
+            "block4d_add", "block5d_add", "block6e_add"]
+    with pytest.raises(ValueError, match="cut"):
+        finetune.trunk_layer("block9z")
+
+
+def test_a_deeper_backbone_splits_at_its_own_cut_and_caches_apart():
+    """Lite2 (wider: 120 channels into block6a) splits where Lite0 does, by block name, and its activations
+    get their own cache key."""
+    trunk, core = finetune.build_parts("block6a", 1.0, "lite2")
+    assert tuple(trunk.output.shape[1:]) == (14, 14, 120) and tuple(core.input.shape[1:]) == (14, 14, 120)
+    assert core.output.shape[-1] == 1280 and "block6e_project_conv" in {layer.name for layer in core.layers}
+    paths = [__file__]
+    assert finetune._cache_key(paths, "block6a", "p", 1.0, "lite2") != finetune._cache_key(paths, "block6a", "p")
+    assert finetune._cache_key(paths, "block6a", "p", 1.0, "lite0") == finetune._cache_key(paths, "block6a", "p")
 
 
 def test_input_scale_resizes_inside_the_trunk():
@@ -150,7 +177,7 @@ def test_input_scale_resizes_inside_the_trunk():
     assert tuple(trunk.input.shape[1:]) == (224, 224, 1)
     assert tuple(trunk.output.shape[1:]) == (28, 28, 112) and tuple(core.input.shape[1:]) == (28, 28, 112)
     full = build_efficientnet_lite0(input_shape=(448, 448, 1))
-    lower = keras.Model(full.input, full.get_layer(finetune.CUTS["block6a"]).output)
+    lower = keras.Model(full.input, full.get_layer(finetune.trunk_layer("block6a")).output)
     x = np.random.default_rng(0).random((2, 224, 224, 1)).astype(np.float32)
     expected = lower(tf.image.resize(x, (448, 448), method="bilinear")).numpy()
     np.testing.assert_allclose(trunk(x).numpy(), expected, atol=1e-5)

@@ -36,6 +36,7 @@ __all__ = [
     "VARIANTS",
     "WEIGHTS_PACKAGE",
     "block_index",
+    "block_names",
     "build_efficientnet_lite",
     "build_efficientnet_lite0",
     "build_efficientnet_lite0_classifier",
@@ -146,6 +147,11 @@ def _bn(name: str) -> keras.layers.BatchNormalization:
 
 def _relu6(name: str) -> keras.layers.ReLU:
     return keras.layers.ReLU(max_value=6.0, name=name)
+
+
+def block_names(variant: str = DEFAULT_VARIANT) -> list[str]:
+    """`variant`'s MBConv block names in order: "block1a", "block2a", "block2b", ... ("block7a" last)."""
+    return [block[0] for block in _blocks(variant)]
 
 
 def block_index(name: str, variant: str = DEFAULT_VARIANT) -> int:

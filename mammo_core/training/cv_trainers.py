@@ -152,8 +152,8 @@ class FineTuneTrainer:
         self.log = log
         self.activations, self.extraction_seconds = finetune.cached_activations(
             frame["path"].tolist(), cut=self.recipe.cut, preprocessing=config.preprocessing,
-            input_scale=self.recipe.input_scale, log=log)
-        _, self.core = finetune.build_parts(self.recipe.cut, self.recipe.input_scale)
+            input_scale=self.recipe.input_scale, backbone=self.recipe.backbone, log=log)
+        _, self.core = finetune.build_parts(self.recipe.cut, self.recipe.input_scale, self.recipe.backbone)
         self.labels = frame["label"].to_numpy()
         self.groups = frame["group"].to_numpy()
         self.members: list[Any] = []
@@ -161,10 +161,12 @@ class FineTuneTrainer:
 
     def budget(self) -> dict[str, Any]:
         n = len(self.activations)
+        net = f"ImageNet EfficientNet-{self.recipe.backbone.capitalize()}"
+        layer = self.ft.trunk_layer(self.recipe.cut, self.recipe.backbone)
         return {
-            "strategy": ("ImageNet EfficientNet-Lite0 fine-tuned whole (BatchNorm frozen) from decoded inputs cached "
-                         "once per image, with a Dense(1) head, per fold" if self.ft.CUTS[self.recipe.cut] is None else
-                         f"ImageNet EfficientNet-Lite0 trunk frozen up to {self.ft.CUTS[self.recipe.cut]} (activations "
+            "strategy": (f"{net} fine-tuned whole (BatchNorm frozen) from decoded inputs cached "
+                         "once per image, with a Dense(1) head, per fold" if layer is None else
+                         f"{net} trunk frozen up to {layer} (activations "
                          f"cached once per image); stages from {self.recipe.cut} and a Dense(1) head fine-tuned per fold")
                         + (f"; the 224x224 input resized x{self.recipe.input_scale:g} (bilinear) inside the trunk"
                            if self.recipe.input_scale != 1 else ""),

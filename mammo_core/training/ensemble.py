@@ -42,7 +42,7 @@ def train_ensemble_into(config: Any, out: Path, log: Callable[[str], None] = pri
     data_root = Path(config.data_dir)
     frame = scan_dataset(data_root, patient_map=config.patient_map).reset_index(drop=True)
     recipe = finetune.Recipe(**{**finetune.recipe_dict(finetune.Recipe()), **(config.recipe or {})})
-    if finetune.CUTS[recipe.cut] is None:
+    if recipe.cut == "stem":
         # Checked before any training: the ensemble's Grad-CAM and out-of-distribution check both read the
         # shared trunk's output, and full fine-tuning has no shared trunk (its trunk is the image itself).
         raise ValueError(f"cut={recipe.cut} (full fine-tuning) can be cross-validated (python -m mammo_core cv) but "
@@ -55,7 +55,7 @@ def train_ensemble_into(config: Any, out: Path, log: Callable[[str], None] = pri
     results, oof = run_folds(cv_config, frame, trainer, log=log)
     ood = _fit_ood(trainer, oof["fold"].to_numpy() == 0)
 
-    model = finetune.build_ensemble(trainer.members, recipe.cut, ood["whiten"], recipe.input_scale)
+    model = finetune.build_ensemble(trainer.members, recipe.cut, ood["whiten"], recipe.input_scale, recipe.backbone)
     save_compact(model, out / MODEL_FILE)  # kernels in float16: half the file (store.compact)
     table = _oof_table(oof, data_root)
     table.to_csv(out / PREDICTIONS_FILE, index=False)
@@ -108,7 +108,7 @@ def _card(config: Any, model: Any, frame: pd.DataFrame, recipe: Any, trainer: An
                      "probability": "mean of the members' temperature-calibrated probabilities",
                      "interval": INTERVAL_TEXT, "gradcam": "Grad-CAM of the mean of the members' logits, on the "
                      f"shared trunk output ({'x'.join(str(d) for d in trainer.activations.shape[1:3])})"},
-        "ood": {"feature": f"global average of the trunk output ({finetune.CUTS[recipe.cut]}, "
+        "ood": {"feature": f"global average of the trunk output ({finetune.trunk_layer(recipe.cut, recipe.backbone)}, "
                            f"{ood['channels']} channels)",
                 "distance": "squared Mahalanobis distance, Ledoit-Wolf covariance (model output 'ood_whiten')",
                 "fitted_on": f"{int((~held_out).sum())} images of folds 1-{config.folds - 1}",

@@ -1,4 +1,5 @@
-"""Partial fine-tuning of ImageNet EfficientNet-Lite0 from cached activations, and the ensemble built from it.
+"""Partial fine-tuning of ImageNet EfficientNet-Lite (Lite0 unless the recipe says otherwise) from cached
+activations, and the ensemble built from it.
 
 The dataset's copies are already augmented, so the frozen lower part of the network (the *trunk*: stem to
 the cut) is a fixed function of each file. Its output is computed once per image (`cached_activations`,
@@ -28,9 +29,9 @@ import numpy as np
 
 from mammo_core.config import IMAGE_SIZE
 
-#: Cut points: name of the first trained block -> the trunk layer whose output feeds it. "stem" is full
-#: fine-tuning: the trunk is the identity and the "activations" cached are the model inputs themselves.
-CUTS: dict[str, str | None] = {"stem": None, "block5a": "block4c_add", "block6a": "block5c_add", "block7a": "block6d_add"}
+#: Cut points: name of the first trained block (`trunk_layer` gives the trunk layer whose output feeds it).
+#: "stem" is full fine-tuning: the trunk is the identity and the "activations" cached are the model inputs.
+CUTS: tuple[str, ...] = ("stem", "block5a", "block6a", "block7a")
 TRUNK_NAME, MEMBERS_NAME, OOD_LAYER = "trunk", "members", "ood_whiten"
 ARCHITECTURE = "efficientnet-lite0-ft"
 
@@ -54,10 +55,16 @@ class Recipe:
     #: the 224x224 model input is resized (bilinear) by this factor inside the trunk before the network: the
     #: ImageNet filters then see the breast's structures larger (the model's input contract stays 224x224)
     input_scale: float = 2.0
+    #: which ImageNet EfficientNet-Lite ("lite0", "lite1", "lite2"; `models.efficientnet_lite.VARIANTS`)
+    backbone: str = "lite0"
 
     def validate(self) -> None:
+        from mammo_core.models.efficientnet_lite import VARIANTS
+
         if self.cut not in CUTS:
             raise ValueError(f"cut must be one of {', '.join(CUTS)}, got {self.cut!r}")
+        if self.backbone not in VARIANTS:
+            raise ValueError(f"backbone must be one of {', '.join(VARIANTS)}, got {self.backbone!r}")
         for key in ("max_epochs", "patience", "copies_per_source", "val_copies_per_source", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
@@ -78,7 +85,7 @@ class Recipe:
 
 
 #: Recipe fields added after the first cards were written, with the value those cards' models were trained with.
-FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {"input_scale": 1.0}
+FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {"input_scale": 1.0, "backbone": "lite0"}
 
 
 # --- the two parts -----------------------------------------------------------------------------------
@@ -89,30 +96,45 @@ def network_size(input_scale: float = 1.0) -> int:
     return int(round(IMAGE_SIZE * input_scale))
 
 
-def build_parts(cut: str, input_scale: float = 1.0):
-    """(trunk, upper_core): ImageNet EfficientNet-Lite0 split at `CUTS[cut]`; trunk frozen, both uncompiled.
+def trunk_layer(cut: str, backbone: str = "lite0") -> str | None:
+    """The layer of `backbone` whose output feeds block `cut` (the last block before it: "block5c_add" for
+    Lite0's "block6a", "block5d_add" for Lite1's and Lite2's); None for "stem" (full fine-tuning)."""
+    from mammo_core.models.efficientnet_lite import block_index, block_names
+
+    if cut == "stem":
+        return None
+    if cut not in CUTS:
+        raise ValueError(f"cut must be one of {', '.join(CUTS)}, got {cut!r}")
+    # every cut starts a stage whose previous stage ends in a repeated block, so its output is the residual sum
+    return f"{block_names(backbone)[block_index(cut, backbone) - 1]}_add"
+
+
+def build_parts(cut: str, input_scale: float = 1.0, backbone: str = "lite0"):
+    """(trunk, upper_core): ImageNet EfficientNet-Lite `backbone` split at `trunk_layer(cut)`; trunk frozen,
+    both uncompiled.
 
     The trunk takes the (N, 224, 224, 1) model input; with `input_scale` > 1 its first layer resizes it
     (bilinear) to `network_size(input_scale)` before the network."""
     import keras
 
-    from mammo_core.models.efficientnet_lite import build_efficientnet_lite0, build_upper
+    from mammo_core.models.efficientnet_lite import build_efficientnet_lite, build_upper
 
     size = network_size(input_scale)
-    full = build_efficientnet_lite0(input_shape=(size, size, 1), weights="imagenet")
-    cut_tensor = full.input if CUTS[cut] is None else full.get_layer(CUTS[cut]).output
+    full = build_efficientnet_lite(backbone, input_shape=(size, size, 1), weights="imagenet")
+    layer = trunk_layer(cut, backbone)
+    cut_tensor = full.input if layer is None else full.get_layer(layer).output
     if size == IMAGE_SIZE:
         image = full.input
         # full fine-tuning: nothing is frozen below the trained part, the trunk is the identity
-        out = keras.layers.Identity(name="trunk_identity")(image) if CUTS[cut] is None else cut_tensor
+        out = keras.layers.Identity(name="trunk_identity")(image) if layer is None else cut_tensor
     else:
         image = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1), name="image")
         resized = keras.layers.Resizing(size, size, interpolation="bilinear", name="trunk_resize")(image)
-        out = resized if CUTS[cut] is None else keras.Model(full.input, cut_tensor, name="lower")(resized)
+        out = resized if layer is None else keras.Model(full.input, cut_tensor, name="lower")(resized)
     trunk = keras.Model(image, out, name=TRUNK_NAME)
     trunk.trainable = False
     # built afresh from the cut (not as a view of `full`), so that it and its copies hold only their layers
-    core = build_upper(cut, cut_tensor.shape[1:], full)
+    core = build_upper(cut, cut_tensor.shape[1:], full, backbone)
     return trunk, core
 
 
@@ -144,11 +166,16 @@ def cache_dir() -> Path:
     return features_cache_dir()
 
 
-def _cache_key(paths: Sequence[str], cut: str, preprocessing: str, input_scale: float = 1.0) -> str:
+def _cache_key(paths: Sequence[str], cut: str, preprocessing: str, input_scale: float = 1.0,
+               backbone: str = "lite0") -> str:
+    from mammo_core.models.efficientnet_lite import imagenet_weights_path
+    from mammo_core.store.files import sha256_file
     from mammo_core.training.feature_cache import _weights_id
 
-    scale = "" if input_scale == 1 else f"\tx{input_scale:g}"  # keeps the keys of caches made before the scale
-    digest = hashlib.sha256(f"trunk-v1\t{_weights_id()}\t{cut}\t{preprocessing}{scale}\n".encode())
+    # keeps the keys of caches made before the scale and the backbone were knobs
+    scale = "" if input_scale == 1 else f"\tx{input_scale:g}"
+    weights = _weights_id() if backbone == "lite0" else f"{sha256_file(imagenet_weights_path(backbone))[:16]}\t{backbone}"
+    digest = hashlib.sha256(f"trunk-v1\t{weights}\t{cut}\t{preprocessing}{scale}\n".encode())
     for path in paths:
         st = os.stat(path)
         digest.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
@@ -164,7 +191,7 @@ def trunk_function(trunk):
 
 
 def cached_activations(paths: Sequence[str], *, cut: str, preprocessing: str, input_scale: float = 1.0,
-                       batch_size: int = 64, chunk: int = 512,
+                       backbone: str = "lite0", batch_size: int = 64, chunk: int = 512,
                        log: Callable[[str], None] = print) -> tuple[np.ndarray, float | None]:
     """Trunk activations (N, h, w, c) float16 for image files, in the given order, from the on-disk cache
     (a memory-mapped .npy) or computed once and stored. Returns (activations, extraction seconds or None)."""
@@ -172,13 +199,13 @@ def cached_activations(paths: Sequence[str], *, cut: str, preprocessing: str, in
 
     paths = [os.path.abspath(p) for p in paths]
     folder = cache_dir()
-    target = folder / f"trunk-{_cache_key(paths, cut, preprocessing, input_scale)}.npy"
+    target = folder / f"trunk-{_cache_key(paths, cut, preprocessing, input_scale, backbone)}.npy"
     seconds_file = target.with_suffix(".seconds")
     if target.is_file():
         log(f"trunk activations: {len(paths)} from cache {target}")
         seconds = float(seconds_file.read_text()) if seconds_file.is_file() else None
         return np.load(target, mmap_mode="r"), seconds
-    trunk, _ = build_parts(cut, input_scale)
+    trunk, _ = build_parts(cut, input_scale, backbone)
     infer = trunk_function(trunk)
     shape = (len(paths), *trunk.output.shape[1:])
     folder.mkdir(parents=True, exist_ok=True)
@@ -235,7 +262,7 @@ def fit_member(activations: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
     groups = np.asarray(groups)
     keras.utils.set_random_seed(seed)
     if core is None:
-        _, core = build_parts(recipe.cut, recipe.input_scale)
+        _, core = build_parts(recipe.cut, recipe.input_scale, recipe.backbone)
     member = _compiled_member(core, recipe, index)
     rng = np.random.default_rng(seed)
     val_rows = _per_group_sample(np.asarray(val_idx), groups, recipe.val_copies_per_source, rng)
@@ -334,13 +361,13 @@ def pooled_activations(activations: np.ndarray, chunk: int = 1024) -> np.ndarray
 
 
 def build_ensemble(members: Sequence[Any], cut: str, ood_weights: tuple[np.ndarray, np.ndarray],
-                   input_scale: float = 1.0):
+                   input_scale: float = 1.0, backbone: str = "lite0"):
     """One Keras model: image (N, 224, 224, 1) in [0, 1] -> [member logits (N, k), whitened pooled trunk
     features (N, c)]. The trunk is a nested model named `TRUNK_NAME`, the k upper parts a nested model
     named `MEMBERS_NAME`, so Grad-CAM can split at the trunk's output."""
     import keras
 
-    trunk, core = build_parts(cut, input_scale)
+    trunk, core = build_parts(cut, input_scale, backbone)
     acts = keras.Input(core.input.shape[1:], name="activations")
     clean = []
     for m in members:  # rebuilt from their config: Keras' clone_model would copy the optimizer into the file
