@@ -26,6 +26,13 @@ configs = [
  # (experiments/probe_scale.py) and before it ran: B's recipe on the model input upsampled x2 inside the trunk.
  # Rule fixed now: it replaces D as the shipped recipe only if its mean validation AUC beats D's 0.802.
  ("I-scale2-lr3e-4", "breast-crop-v1", replace(A, learning_rate=3e-4, input_scale=2.0)),
+ # fifth round (session of 2026-12-01, morning), declared after the linear-probe screening at 672 (x3: mean
+ # validation AUC 0.772 / 0.781 / 0.800 at block5c / block6d / top, against 0.750 / 0.768 / 0.778 at 448) and
+ # before it ran: I's recipe on the input resized x3. Rule fixed now: it replaces I as the recipe of record only
+ # if its mean validation AUC beats I's 0.826; its test folds are then scored once. It becomes the default only
+ # if the standing speed goal still holds with it (10 browsers x 3 uploads, p95 <= 5 s, python -m bench.app_load
+ # --part load); otherwise it ships beside I as a selectable model. Its cost is about 2.25x I's per image.
+ ("J-scale3-lr3e-4", "breast-crop-v1", replace(A, learning_rate=3e-4, input_scale=3.0)),
 ]
 only = sys.argv[1:] 
 for name, prep, recipe in configs:
