@@ -106,6 +106,23 @@ def single_split(card: dict[str, Any]) -> dict[str, Any] | None:
     return {"label": label, "auc": _num(test.get("auc")), "text": fmt(test.get("auc")), "n": test.get("n")}
 
 
+def views_text(card: dict[str, Any]) -> str | None:
+    """What the 8-view test-time augmentation did for this model, from the card's out-of-fold measurement:
+    "AUC 0.809 against 0.793 plain (+0.015, 95 % interval +0.009 to +0.022), out of fold"; None when the card
+    has no such measurement."""
+    tta = card.get("test_time_augmentation")
+    if not isinstance(tta, dict) or _num(tta.get("auc_views")) is None or _num(tta.get("auc_plain")) is None:
+        return None
+    diff, ci = _num(tta.get("difference")), tta.get("difference_ci")
+    text = f"AUC {fmt(tta['auc_views'])} against {fmt(tta['auc_plain'])} plain"
+    if diff is not None:
+        text += f" ({diff:+.3f}"
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_num(c) is not None for c in ci):
+            text += f", 95 % interval {ci[0]:+.3f} to {ci[1]:+.3f}"
+        text += ")"
+    return text + ", out of fold"
+
+
 def honest_auc(card: dict[str, Any]) -> dict[str, float]:
     """The numbers that estimate performance on unseen mammograms, by what they are grouped by:
     {"cv source image": auc, "cv patient": auc, "grouped split": auc} (only those the card has)."""

@@ -12,6 +12,10 @@ different set of models). Images are decoded and scored 64 at a time.
 
     MAMMO_DATA_DIR=... python experiments/tta_oof.py                 # all rows -> experiments/tta_oof.json
     MAMMO_DATA_DIR=... python experiments/tta_oof.py --limit 64      # a random 64 rows, printed only (a check)
+    python experiments/tta_oof.py --model weights/NAME --card-from RESULT.json   # the figures into NAME's card
+
+With `--into-card` (after a full run) or `--card-from` (a saved full run's JSON, same model file), the
+model card gains a `test_time_augmentation` block, which the app's 8-view toggle quotes for that model.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from mammo_core.data.pipeline import load_images  # noqa: E402
 from mammo_core.evaluation.bootstrap import cluster_bootstrap, paired_auc_difference, point_metrics  # noqa: E402
 from mammo_core.evaluation.metrics import auc  # noqa: E402
 from mammo_core.inference.ensemble import DIHEDRAL8, EnsembleScorer  # noqa: E402
+from mammo_core.store.card import edit_card  # noqa: E402
 from mammo_core.store.registry import load_model  # noqa: E402
 
 MODEL = Path("weights/efficientnet-lite0-ft-ensemble")
@@ -55,6 +60,29 @@ def score_members(model, card, paths: list[str], log) -> dict[str, np.ndarray]:
     return {tta: np.concatenate(parts) for tta, parts in out.items()}
 
 
+def card_block(result: dict, command: str) -> dict:
+    """The card's `test_time_augmentation` block from a full run's result."""
+    diff = result["auc_difference"]
+    return {"views": len(result["views"]), "auc_plain": result["none"]["auc"], "auc_views": result["dihedral8"]["auc"],
+            "difference": diff["dihedral8_minus_none"], "difference_ci": diff["ci_source_images"],
+            "n_images": result["n_images"], "n_source_images": result["n_source_images"],
+            "measured": "out of fold: each image scored by the member that never trained on its source image; "
+                        "95 % interval of the paired difference, source images resampled",
+            "command": command}
+
+
+def write_into_card(model_dir: Path, result: dict, command: str) -> None:
+    """Put a full run's figures into the card of `model_dir`, refusing a run of another model file."""
+    if result.get("limit") is not None:
+        raise SystemExit("a --limit run is a check, not a measurement: not written into the card")
+    def change(card: dict) -> None:
+        if card.get("model_sha256") != result.get("model_sha256"):
+            raise SystemExit(f"{model_dir}: the results are of another model file; not written")
+        card["test_time_augmentation"] = card_block(result, command)
+    edit_card(model_dir, change)
+    print(f"wrote the test_time_augmentation block into {model_dir}/card.json", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=MODEL, help=f"ensemble model directory (default {MODEL})")
@@ -62,7 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help=f"results JSON (default {OUT} for a full run; a --limit run only prints)")
     parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--into-card", action="store_true", help="after a full run, write its figures into the card")
+    parser.add_argument("--card-from", type=Path, default=None,
+                        help="write a saved full run's figures (its JSON) into the card, without scoring")
     args = parser.parse_args(argv)
+    if args.card_from is not None:
+        write_into_card(args.model, json.loads(args.card_from.read_text()),
+                        f"python experiments/tta_oof.py --model {args.model} --out {args.card_from}")
+        return 0
     data = Path(os.environ.get("MAMMO_DATA_DIR") or parser.error("set MAMMO_DATA_DIR to the dataset folder"))
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -108,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         out.write_text(text + "\n")
         log(f"wrote {out}")
+    if args.into_card:
+        write_into_card(args.model, result, f"python experiments/tta_oof.py --model {args.model}"
+                        + (f" --out {args.out}" if args.out else ""))
     return 0
 
 

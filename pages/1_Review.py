@@ -261,7 +261,7 @@ def main() -> None:
         return
     shared.show_warnings(warnings)
     model_header(predictor.card, predictor.name)
-    if predictor.ensemble is not None and views_toggle():
+    if predictor.ensemble is not None and views_toggle(predictor.card):
         with st.spinner("Preparing the 8-view scoring…"):
             predictor, _ = shared.get_predictor(name, tta="dihedral8")
     threshold, alpha, floor = display_controls(predictor.card, predictor.name)
@@ -315,13 +315,14 @@ def model_header(card: dict, name: str) -> None:
         st.warning(shared.LEAKY_BANNER, icon=":material/warning:")
 
 
-def views_toggle() -> bool:
+def views_toggle(card: dict) -> bool:
     """Whether to average the ensemble over the 8 flips and 90° rotations of each image."""
+    measured = cards.views_text(card)
     return st.toggle("Average over 8 views (flips and 90° rotations)", key="review_tta", help=(
-        "Each member's score is averaged over the image flipped and rotated 8 ways. Out of fold, for the default "
-        "x2 ensemble: AUC 0.809 against 0.793 plain (+0.015, 95 % interval +0.009 to +0.022; for the 224 "
-        "ensemble +0.007, -0.002 to +0.016). About 4x the scoring time per image. Grad-CAM stays that of the "
-        "plain view. The cross-validated figures shown elsewhere describe the plain view."))
+        "Each member's score is averaged over the image flipped and rotated 8 ways. "
+        + (f"For this model: {measured}. " if measured else "Not measured for this model. ")
+        + "About 4x the scoring time per image. Grad-CAM stays that of the plain view. The cross-validated "
+        "figures shown elsewhere describe the plain view."))
 
 
 def display_controls(card: dict, name: str) -> tuple[float, float, float]:

@@ -202,3 +202,40 @@ def test_review_offers_the_8_views_for_an_ensemble(app_env, ensemble_dir, sample
     assert sorted(r["model_name"] for r in rows) == sorted([ensemble_dir.name, f"{ensemble_dir.name} (8 views)"])
     at.toggle(key="review_tta").set_value(False).run()
     assert float(metric(at, "Probability of malignancy")) == plain  # the plain worklist is still there
+
+
+def test_the_8_view_figures_come_from_the_models_own_card():
+    """The toggle quotes the card's out-of-fold measurement of the 8 views (written by
+    experiments/tta_oof.py --into-card), and says so when a model has none."""
+    from appkit import cards
+
+    assert cards.views_text({"name": "m"}) is None
+    block = {"views": 8, "auc_plain": 0.7934, "auc_views": 0.8086, "difference": 0.0152,
+             "difference_ci": [0.0095, 0.0217]}
+    assert cards.views_text({"test_time_augmentation": block}) == (
+        "AUC 0.809 against 0.793 plain (+0.015, 95 % interval +0.009 to +0.022), out of fold")
+    no_ci = {**block, "difference_ci": None}
+    assert cards.views_text({"test_time_augmentation": no_ci}) == "AUC 0.809 against 0.793 plain (+0.015), out of fold"
+    assert cards.views_text({"test_time_augmentation": {"auc_plain": float("nan"), "auc_views": 0.8}}) is None
+
+
+def test_review_toggle_help_quotes_the_chosen_models_figures(app_env, ensemble_dir):  # noqa: F811
+    from mammo_core.store import registry
+    from mammo_core.store.card import edit_card
+
+    from .test_app import no_exception, start
+
+    app_env(ensemble_dir.parent)
+    registry.set_active_model(ensemble_dir.name, ensemble_dir.parent)
+    at = start("review")
+    no_exception(at)
+    assert "Not measured for this model." in at.toggle(key="review_tta").help
+    edit_card(ensemble_dir, lambda card: card.update(test_time_augmentation={
+        "views": 8, "auc_plain": 0.70, "auc_views": 0.72, "difference": 0.02, "difference_ci": [0.01, 0.03]}))
+    try:
+        at = start("review")
+        no_exception(at)
+        assert "For this model: AUC 0.720 against 0.700 plain (+0.020, 95 % interval +0.010 to +0.030)" in (
+            at.toggle(key="review_tta").help)
+    finally:
+        edit_card(ensemble_dir, lambda card: card.pop("test_time_augmentation"))

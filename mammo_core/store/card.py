@@ -57,6 +57,8 @@ class CardSchema:
     ensemble: dict | None = None
     ood: dict | None = None
     storage: dict | None = None  # how model.keras stores its weights when not plain float32 (store.compact)
+    # out-of-fold AUC with and without the 8-view test-time augmentation, measured after training
+    test_time_augmentation: dict | None = None
     config: dict | None = field(default=None)
 
 
@@ -68,7 +70,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "architecture_description": (str,), "parameters": (int,), "preprocessing": (str,), "cam_layer": (str,),
     "calibration": (dict,), "operating_points": (list,), "metrics_uncalibrated": (dict,),
     "cross_validation": (dict,), "cross_validation_patient": (dict,), "ensemble": (dict,), "ood": (dict,),
-    "storage": (dict,), "config": (dict,),
+    "storage": (dict,), "test_time_augmentation": (dict,), "config": (dict,),
 }
 
 
