@@ -332,10 +332,9 @@ def _epoch_sampler_class() -> type:
 
 def predict_logits(member, activations: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """(N,) logits of a member on activations (float16 or float32)."""
-    import tensorflow as tf
-
-    fn = tf.function(lambda x: member(x, training=False))
-    out = [fn(np.asarray(activations[i:i + batch_size], dtype=np.float32)).numpy().ravel()
+    # Keras' own predict function, traced once per model (a tf.function made per call was traced anew for
+    # every member and batch size, and TensorFlow warned about retracing)
+    out = [np.asarray(member.predict_on_batch(np.asarray(activations[i:i + batch_size], dtype=np.float32))).ravel()
            for i in range(0, len(activations), batch_size)]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
