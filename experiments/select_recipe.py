@@ -1,4 +1,4 @@
-"""Recipe selection (python experiments/select_recipe.py [NAMES...]) on the validation parts of grouped 5-fold CV (test folds never scored)."""
+"""Recipe selection (python experiments/select_recipe.py [NAMES...] [--inner-parts=N]) on the validation parts of grouped 5-fold CV (test folds never scored)."""
 import os, json, sys, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"]="2"
 from mammo_core.training.cv import CVConfig, run_cv
@@ -34,15 +34,19 @@ configs = [
  # --part load); otherwise it ships beside I as a selectable model. Its cost is about 2.25x I's per image.
  ("J-scale3-lr3e-4", "breast-crop-v1", replace(A, learning_rate=3e-4, input_scale=3.0)),
 ]
-only = sys.argv[1:] 
+# --inner-parts=N: nested CV, each fold's first N inner folds in turn as its validation part (added after round 5;
+# rows before it used 1)
+parts = int(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--inner-parts=")), 1))
+only = [a for a in sys.argv[1:] if not a.startswith("--")]
 for name, prep, recipe in configs:
     if only and name not in only: continue
     t0=time.time()
-    cfg = CVConfig(data_dir=DATA, architecture="efficientnet-lite0-ft", k=5, group_by="source", preprocessing=prep, recipe=recipe, inner_only=True)
+    cfg = CVConfig(data_dir=DATA, architecture="efficientnet-lite0-ft", k=5, group_by="source", preprocessing=prep, recipe=recipe, inner_only=True, inner_parts=parts)
     res, _ = run_cv(cfg)
     row = {"name": name, "preprocessing": prep, "recipe": res["training"]["recipe"], "group_by": "source",
            "fold_val_auc": [round(r["val_auc"],4) for r in res["folds"]], "best_epochs": [r["best_epoch"] for r in res["folds"]],
-           "mean_validation_auc": round(res["mean_validation_auc"],4), "minutes": round((time.time()-t0)/60,1),
+           "mean_validation_auc": round(res["mean_validation_auc"],4), "inner_parts": parts,
+           "mean_validation_auc_by_part": [round(m, 4) for m in res["mean_validation_auc_by_part"]], "minutes": round((time.time()-t0)/60,1),
            "extraction_img_s": res["training"]["feature_extraction_images_per_second"]}
     print("RESULT", json.dumps(row), flush=True)
     with open("experiments/selection.jsonl","a") as fh: fh.write(json.dumps(row)+"\n")

@@ -116,7 +116,8 @@ def cmd_cv(args: argparse.Namespace) -> int:
             patient_map=_patient_map_for(Path(dataset), args.group_by, args.patient_map), seed=args.seed,
             epochs=args.epochs, batch_size=args.batch_size, copies_per_source=args.copies_per_source,
             val_copies_per_source=args.val_copies_per_source, n_boot=args.n_boot, precision=args.precision,
-            preprocessing=args.preprocessing, inner_only=args.inner_only, strategy=args.strategy,
+            preprocessing=args.preprocessing, inner_only=args.inner_only, inner_parts=args.inner_parts,
+            strategy=args.strategy,
         )
         if args.recipe:
             from mammo_core.training.finetune import Recipe
@@ -133,9 +134,11 @@ def cmd_cv(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results))
     elif "pooled" not in results:  # --inner-only: validation parts only
-        per_fold = ", ".join(f"{r['val_auc']:.3f}" for r in results["folds"])
+        per_fold = ", ".join(f"{r['val_auc']:.3f}" for r in results["folds"] if not r.get("part"))
         print(f"{results['architecture']}: {results['protocol']}: mean validation AUC "
-              f"{results['mean_validation_auc']:.3f} (folds: {per_fold})")
+              f"{results['mean_validation_auc']:.3f} (folds: {per_fold})"
+              + ("".join(f"; inner part {p}: {m:.3f}" for p, m in enumerate(results["mean_validation_auc_by_part"]))
+                 if len(results.get("mean_validation_auc_by_part", [])) > 1 else ""))
     else:
         _print_cv(results)
     if card_dir is not None:
@@ -607,6 +610,9 @@ def _add_cv(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preprocessing", default=PREPROCESSING_ID, choices=PREPROCESSINGS, help=f"input pipeline (default {PREPROCESSING_ID})")
     p.add_argument("--recipe", action="append", metavar="KEY=VALUE", help=RECIPE_HELP)
     p.add_argument("--inner-only", action="store_true", help="recipe selection: score only the validation parts of the training folds, never the test folds")
+    p.add_argument("--inner-parts", type=int, default=1, metavar="N",
+                   help="with --inner-only: use N of each fold's 4 inner folds in turn as its validation part "
+                        "(nested CV; 4 scores every training source image once, at 4x the cost; default 1)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the CIs (default 2000)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--out", type=Path, default=None, help="folder for cv_results.json and oof_predictions.csv (default: cv-results/<arch>-<group-by>-k<k>-seed<seed>)")

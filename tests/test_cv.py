@@ -191,3 +191,56 @@ def test_cv_of_a_feature_head_architecture(tiny, tmp_path, monkeypatch):
     for fold in results["folds"]:
         assert fold["l2"] in results["training"]["head"]["l2_grid"]
     assert list((tmp_path / "cache").glob("features-*.npz"))  # features were cached for the next run
+
+
+def test_inner_parts_are_the_inner_folds_in_turn(tiny):
+    """Nested CV for recipe selection: inner part p of fold f is inner fold p of f's training side; the parts
+    are disjoint, cover that side, never touch the test fold, and part 0 is every run's validation part."""
+    frame = datasets.scan_dataset(tiny)
+    folds, default = fold_assignment(frame, k=3, seed=0, group_by="source")
+    parts = [fold_assignment(frame, k=3, seed=0, group_by="source", inner_part=p)[1] for p in range(4)]
+    for f in range(3):
+        assert np.array_equal(parts[0][f], default[f])
+        stacked = np.stack([p[f] for p in parts])
+        assert stacked.sum(axis=0).max() == 1  # disjoint
+        assert np.array_equal(stacked.any(axis=0), folds != f)  # together: the whole training side
+        for p in range(4):
+            groups = set(frame["group"][parts[p][f]])
+            assert groups and not groups & set(frame["group"][(folds != f) & ~parts[p][f]])
+    with pytest.raises(ValueError, match=r"inner_part must be in \[0, 4\) for fold 0, got 4"):
+        fold_assignment(frame, k=3, seed=0, group_by="source", inner_part=4)
+
+
+def test_recipe_selection_over_inner_parts_never_scores_a_test_fold(tiny):
+    seen = []
+
+    class Recorder:
+        """A trainer that records what it is given and scores the validation part by its labels."""
+
+        def __call__(self, train, val, test, seed):
+            seen.append((set(train["group"]), set(val["group"]), len(test), seed))
+            return {"val": val["label"].to_numpy() * 0.8 + 0.1, "val_frame": val, "test": np.zeros(0),
+                    "trained_images": len(train), "info": {}}
+
+        def budget(self):
+            return {}
+
+    config = cv.CVConfig(data_dir=str(tiny), architecture="paper-cnn", k=3, inner_only=True, inner_parts=2)
+    config.validate()
+    frame = datasets.scan_dataset(tiny).reset_index(drop=True)
+    results, oof = cv.run_folds(config, frame, Recorder(), log=lambda m: None)
+    assert oof.empty and "pooled" not in results
+    assert [(r["fold"], r["part"]) for r in results["folds"]] == [(f, p) for p in range(2) for f in range(3)]
+    assert results["mean_validation_auc"] == 1.0 and results["mean_validation_auc_by_part"] == [1.0, 1.0]
+    assert "2 inner folds in turn" in results["protocol"]
+    assert all(n_test == 0 for _, _, n_test, _ in seen)  # the test folds are never handed to the trainer
+    assert [s for *_, s in seen] == [0, 1, 2, 1000, 1001, 1002]  # part 0 keeps the seeds of a plain selection
+    for (train, val, _, _), (_, val_other, _, _) in zip(seen[:3], seen[3:]):
+        assert not train & val and not val & val_other  # each part validates on other source images
+
+
+def test_inner_parts_options_are_checked(tiny):
+    with pytest.raises(ValueError, match="inner_parts > 1 is for recipe selection"):
+        cv.CVConfig(data_dir=str(tiny), architecture="paper-cnn", inner_parts=2).validate()
+    with pytest.raises(ValueError, match=r"inner_parts must be in \[1, 4\], got 5"):
+        cv.CVConfig(data_dir=str(tiny), architecture="paper-cnn", inner_only=True, inner_parts=5).validate()

@@ -83,22 +83,35 @@ def group_folds(frame: pd.DataFrame, *, n_folds: int, seed: int = 0, group_by: s
 INNER_VAL_FOLDS = 4  # the validation part is 1 of 4 group folds of the training folds: 25 % of their groups
 
 
-def fold_assignment(frame: pd.DataFrame, *, k: int, seed: int, group_by: str) -> tuple[np.ndarray, list[np.ndarray]]:
+def inner_fold_count(frame: pd.DataFrame, folds: np.ndarray, f: int, group_by: str) -> int:
+    """How many inner folds the training side of test fold `f` is cut into: `INNER_VAL_FOLDS`, fewer when a
+    class has too few groups for that many (tiny data), never fewer than 2."""
+    rest = frame[folds != f]
+    per_class = rest.groupby(_group_column(group_by))["label"].agg(lambda s: int(round(s.mean()))).value_counts().min()
+    return int(max(2, min(INNER_VAL_FOLDS, per_class)))
+
+
+def fold_assignment(frame: pd.DataFrame, *, k: int, seed: int, group_by: str,
+                    inner_part: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
     """Test fold per row, and per fold a boolean "validation part" mask over the rows (False on the test fold).
 
-    The validation part of fold f is one of `INNER_VAL_FOLDS` grouped folds of the other folds (seed
-    `seed + 1 + f`), fewer when a class has too few groups for four (tiny data).
+    The validation part of fold f is inner fold `inner_part` of `INNER_VAL_FOLDS` grouped folds of the other
+    folds (seed `seed + 1 + f`), fewer when a class has too few groups for four (tiny data). The default, 0,
+    is the validation part every training run uses; the others let recipe selection use each inner fold in
+    turn (nested cross-validation, `CVConfig.inner_parts`).
+
+    Raises ValueError when `inner_part` is not below a fold's number of inner folds.
     """
     folds = group_folds(frame, n_folds=k, seed=seed, group_by=group_by)
-    column = _group_column(group_by)
     val_masks = []
     for f in range(k):
         rest = frame[folds != f]
-        per_class = rest.groupby(column)["label"].agg(lambda s: int(round(s.mean()))).value_counts().min()
-        n_inner = int(max(2, min(INNER_VAL_FOLDS, per_class)))
+        n_inner = inner_fold_count(frame, folds, f, group_by)
+        if not 0 <= inner_part < n_inner:
+            raise ValueError(f"inner_part must be in [0, {n_inner}) for fold {f}, got {inner_part}")
         inner = group_folds(rest, n_folds=n_inner, seed=seed + 1 + f, group_by=group_by)
         mask = np.zeros(len(frame), dtype=bool)
-        mask[np.flatnonzero(folds != f)[inner == 0]] = True
+        mask[np.flatnonzero(folds != f)[inner == inner_part]] = True
         val_masks.append(mask)
     return folds, val_masks
 

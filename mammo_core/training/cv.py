@@ -55,6 +55,9 @@ class CVConfig:
     recipe: Any = None
     #: score only the validation parts (recipe selection): the test folds are never predicted
     inner_only: bool = False
+    #: with `inner_only`: how many of each fold's inner folds serve in turn as its validation part (nested CV:
+    #: 4 scores every training source image once per fold, at 4x the cost); 1 is the usual validation part only
+    inner_parts: int = 1
     #: tf.distribute strategy for image-trained architectures (`distribute.STRATEGIES`)
     strategy: str = "none"
 
@@ -80,6 +83,12 @@ class CVConfig:
                 raise ValueError(f"{key} must be at least 1, got {value}")
         if self.n_boot < 100:
             raise ValueError(f"n_boot must be at least 100, got {self.n_boot}")
+        from mammo_core.data.splits import INNER_VAL_FOLDS
+
+        if not 1 <= self.inner_parts <= INNER_VAL_FOLDS:
+            raise ValueError(f"inner_parts must be in [1, {INNER_VAL_FOLDS}], got {self.inner_parts}")
+        if self.inner_parts > 1 and not self.inner_only:
+            raise ValueError("inner_parts > 1 is for recipe selection: it needs inner_only (--inner-only)")
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -109,6 +118,8 @@ def run_cv(config: CVConfig, *, log: Callable[[str], None] = print) -> tuple[dic
 def run_folds(config: CVConfig, frame: pd.DataFrame, trainer: Any, *,
               log: Callable[[str], None] = print) -> tuple[dict[str, Any], pd.DataFrame]:
     """The fold loop of `run_cv` with a given trainer (the ensemble keeps the trainer's fold members)."""
+    if config.inner_only:
+        return _run_inner_parts(config, frame, trainer, log=log)
     folds, val_masks = fold_assignment(frame, k=config.k, seed=config.seed, group_by=config.group_by)
     oof_uncal = np.full(len(frame), np.nan)
     oof_cal = np.full(len(frame), np.nan)
@@ -119,24 +130,14 @@ def run_folds(config: CVConfig, frame: pd.DataFrame, trainer: Any, *,
         test, val = frame[folds == f], frame[val_masks[f]]
         train = frame[(folds != f) & ~val_masks[f]]
         check_disjoint({"train": train, "validation": val, "test": test}, config.group_by, f"fold {f}")
-        if config.inner_only:
-            test = test.iloc[0:0]  # recipe selection: the test fold is never scored
         t0 = time.time()
         out = trainer(train, val, test, seed=config.seed + f)
         seconds.append(time.time() - t0)
         trained += out["trained_images"]
-        if config.inner_only:
-            fold_rows.append(_inner_fold_row(f, out, seconds[-1], log))
-            continue
         row, test_cal = _test_fold_row(f, config, train, val, test, out, seconds[-1], log)
         oof_uncal[test.index] = out["test"]
         oof_cal[test.index] = test_cal
         fold_rows.append(row)
-    if config.inner_only:
-        return {"protocol": protocol_text(config.k, config.group_by) + " (validation parts only)",
-                "architecture": config.architecture, "group_by": config.group_by, "folds": fold_rows,
-                "mean_validation_auc": float(np.nanmean([r["val_auc"] for r in fold_rows])),
-                "training": trainer.budget(), "config": asdict(config)}, pd.DataFrame()
     oof = pd.DataFrame({"path": frame["path"], "group": frame["group"], "patient": frame["patient"],
                         "label": frame["label"], "fold": folds, "probability": oof_cal,
                         "probability_uncalibrated": oof_uncal})
@@ -151,11 +152,39 @@ def _group_column(config: CVConfig) -> str:
     return "group" if config.group_by == "source" else "patient"
 
 
-def _inner_fold_row(f: int, out: dict[str, Any], seconds: float, log: Callable[[str], None]) -> dict[str, Any]:
-    """A fold of recipe selection: only its validation part was scored."""
+def _run_inner_parts(config: CVConfig, frame: pd.DataFrame, trainer: Any, *,
+                     log: Callable[[str], None] = print) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Recipe selection: per fold, train on its training side and score only the validation part, for each
+    of the first `config.inner_parts` inner folds in turn; the test folds are never predicted. Part 0 is the
+    validation part (and seed) of every other run, so `inner_parts=1` reproduces earlier selections."""
+    rows = []
+    for part in range(config.inner_parts):
+        folds, val_masks = fold_assignment(frame, k=config.k, seed=config.seed, group_by=config.group_by,
+                                           inner_part=part)
+        for f in range(config.k):
+            val, test = frame[val_masks[f]], frame[folds == f].iloc[0:0]  # the test fold is never scored
+            train = frame[(folds != f) & ~val_masks[f]]
+            check_disjoint({"train": train, "validation": val, "test": frame[folds == f]}, config.group_by,
+                           f"fold {f}, inner part {part}")
+            t0 = time.time()
+            out = trainer(train, val, test, seed=config.seed + f + 1000 * part)
+            rows.append(_inner_fold_row(f, part, out, time.time() - t0, log))
+    by_part = [float(np.nanmean([r["val_auc"] for r in rows if r["part"] == p])) for p in range(config.inner_parts)]
+    return {"protocol": protocol_text(config.k, config.group_by) + " (validation parts only"
+                        + (f", {config.inner_parts} inner folds in turn)" if config.inner_parts > 1 else ")"),
+            "architecture": config.architecture, "group_by": config.group_by, "folds": rows,
+            "mean_validation_auc": float(np.nanmean([r["val_auc"] for r in rows])),
+            "mean_validation_auc_by_part": by_part,
+            "training": trainer.budget(), "config": asdict(config)}, pd.DataFrame()
+
+
+def _inner_fold_row(f: int, part: int, out: dict[str, Any], seconds: float,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """A fold of recipe selection: only its validation part (inner fold `part`) was scored."""
     val_labels = out["val_frame"]["label"].to_numpy()
-    row = {"fold": f, "val_auc": auc_score(val_labels, out["val"]), "minutes": round(seconds / 60, 2), **out["info"]}
-    log(f"fold {f}: validation AUC {row['val_auc']:.3f}; {seconds:.0f} s")
+    row = {"fold": f, "part": part, "val_auc": auc_score(val_labels, out["val"]), "minutes": round(seconds / 60, 2),
+           **out["info"]}
+    log(f"fold {f}{f', inner part {part}' if part else ''}: validation AUC {row['val_auc']:.3f}; {seconds:.0f} s")
     return row
 
 
