@@ -244,3 +244,21 @@ def test_inner_parts_options_are_checked(tiny):
         cv.CVConfig(data_dir=str(tiny), architecture="paper-cnn", inner_parts=2).validate()
     with pytest.raises(ValueError, match=r"inner_parts must be in \[1, 4\], got 5"):
         cv.CVConfig(data_dir=str(tiny), architecture="paper-cnn", inner_only=True, inner_parts=5).validate()
+
+
+def test_cli_selection_over_inner_parts(tiny, tmp_path, capsys):
+    """`cv --inner-only --inner-parts 2` trains for real, prints each part's mean, and its out-of-fold file
+    holds no predictions; --inner-parts without --inner-only is refused with one line."""
+    pytest.importorskip("tensorflow")
+    from mammo_core.cli import main
+
+    code = main(["cv", "--data", str(tiny), "--arch", "paper-cnn", "--k", "3", "--epochs", "1", "--batch-size", "8",
+                 "--inner-only", "--inner-parts", "2", "--out", str(tmp_path / "sel")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "(validation parts only, 2 inner folds in turn)" in out and "inner part 1:" in out
+    results = json.loads((tmp_path / "sel" / "cv_results.json").read_text())
+    assert len(results["folds"]) == 6 and len(results["mean_validation_auc_by_part"]) == 2
+    assert (tmp_path / "sel" / "oof_predictions.csv").read_text().strip() == ""  # no test fold was predicted
+    assert main(["cv", "--data", str(tiny), "--arch", "paper-cnn", "--inner-parts", "2"]) != 0
+    assert "it needs inner_only (--inner-only)" in capsys.readouterr().err
