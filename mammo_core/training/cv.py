@@ -23,7 +23,7 @@ import pandas as pd
 
 from mammo_core.config import DEFAULT_SEED, DEFAULT_THRESHOLD
 from mammo_core.data.datasets import fingerprint, portable_paths, scan_dataset
-from mammo_core.data.splits import GROUP_BY, check_disjoint, fold_assignment
+from mammo_core.data.splits import GROUP_BY, INNER_VAL_FOLDS, check_disjoint, fold_assignment
 from mammo_core.evaluation.bootstrap import METRICS, cluster_bootstrap, point_metrics
 from mammo_core.evaluation.calibration import apply_temperature, fit_temperature
 from mammo_core.evaluation.metrics import auc as auc_score
@@ -83,8 +83,6 @@ class CVConfig:
                 raise ValueError(f"{key} must be at least 1, got {value}")
         if self.n_boot < 100:
             raise ValueError(f"n_boot must be at least 100, got {self.n_boot}")
-        from mammo_core.data.splits import INNER_VAL_FOLDS
-
         if not 1 <= self.inner_parts <= INNER_VAL_FOLDS:
             raise ValueError(f"inner_parts must be in [1, {INNER_VAL_FOLDS}], got {self.inner_parts}")
         if self.inner_parts > 1 and not self.inner_only:

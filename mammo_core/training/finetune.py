@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mammo_core.config import IMAGE_SIZE
+from mammo_core.config import DEFAULT_BACKBONE, IMAGE_SIZE
 
 #: Cut points: name of the first trained block (`trunk_layer` gives the trunk layer whose output feeds it).
 #: "stem" is full fine-tuning: the trunk is the identity and the "activations" cached are the model inputs.
@@ -56,7 +56,7 @@ class Recipe:
     #: ImageNet filters then see the breast's structures larger (the model's input contract stays 224x224)
     input_scale: float = 2.0
     #: which ImageNet EfficientNet-Lite ("lite0", "lite1", "lite2"; `models.efficientnet_lite.VARIANTS`)
-    backbone: str = "lite0"
+    backbone: str = DEFAULT_BACKBONE
 
     def validate(self) -> None:
         from mammo_core.models.efficientnet_lite import VARIANTS
@@ -96,20 +96,21 @@ def network_size(input_scale: float = 1.0) -> int:
     return int(round(IMAGE_SIZE * input_scale))
 
 
-def trunk_layer(cut: str, backbone: str = "lite0") -> str | None:
+def trunk_layer(cut: str, backbone: str = DEFAULT_BACKBONE) -> str | None:
     """The layer of `backbone` whose output feeds block `cut` (the last block before it: "block5c_add" for
     Lite0's "block6a", "block5d_add" for Lite1's and Lite2's); None for "stem" (full fine-tuning)."""
-    from mammo_core.models.efficientnet_lite import block_index, block_names
+    from mammo_core.models.efficientnet_lite import block_names
 
     if cut == "stem":
         return None
     if cut not in CUTS:
         raise ValueError(f"cut must be one of {', '.join(CUTS)}, got {cut!r}")
+    names = block_names(backbone)
     # every cut starts a stage whose previous stage ends in a repeated block, so its output is the residual sum
-    return f"{block_names(backbone)[block_index(cut, backbone) - 1]}_add"
+    return f"{names[names.index(cut) - 1]}_add"
 
 
-def build_parts(cut: str, input_scale: float = 1.0, backbone: str = "lite0"):
+def build_parts(cut: str, input_scale: float = 1.0, backbone: str = DEFAULT_BACKBONE):
     """(trunk, upper_core): ImageNet EfficientNet-Lite `backbone` split at `trunk_layer(cut)`; trunk frozen,
     both uncompiled.
 
@@ -167,14 +168,14 @@ def cache_dir() -> Path:
 
 
 def _cache_key(paths: Sequence[str], cut: str, preprocessing: str, input_scale: float = 1.0,
-               backbone: str = "lite0") -> str:
+               backbone: str = DEFAULT_BACKBONE) -> str:
     from mammo_core.models.efficientnet_lite import imagenet_weights_path
     from mammo_core.store.files import sha256_file
     from mammo_core.training.feature_cache import _weights_id
 
     # keeps the keys of caches made before the scale and the backbone were knobs
     scale = "" if input_scale == 1 else f"\tx{input_scale:g}"
-    weights = _weights_id() if backbone == "lite0" else f"{sha256_file(imagenet_weights_path(backbone))[:16]}\t{backbone}"
+    weights = _weights_id() if backbone == DEFAULT_BACKBONE else f"{sha256_file(imagenet_weights_path(backbone))[:16]}\t{backbone}"
     digest = hashlib.sha256(f"trunk-v1\t{weights}\t{cut}\t{preprocessing}{scale}\n".encode())
     for path in paths:
         st = os.stat(path)
@@ -191,7 +192,7 @@ def trunk_function(trunk):
 
 
 def cached_activations(paths: Sequence[str], *, cut: str, preprocessing: str, input_scale: float = 1.0,
-                       backbone: str = "lite0", batch_size: int = 64, chunk: int = 512,
+                       backbone: str = DEFAULT_BACKBONE, batch_size: int = 64, chunk: int = 512,
                        log: Callable[[str], None] = print) -> tuple[np.ndarray, float | None]:
     """Trunk activations (N, h, w, c) float16 for image files, in the given order, from the on-disk cache
     (a memory-mapped .npy) or computed once and stored. Returns (activations, extraction seconds or None)."""
@@ -360,7 +361,7 @@ def pooled_activations(activations: np.ndarray, chunk: int = 1024) -> np.ndarray
 
 
 def build_ensemble(members: Sequence[Any], cut: str, ood_weights: tuple[np.ndarray, np.ndarray],
-                   input_scale: float = 1.0, backbone: str = "lite0"):
+                   input_scale: float = 1.0, backbone: str = DEFAULT_BACKBONE):
     """One Keras model: image (N, 224, 224, 1) in [0, 1] -> [member logits (N, k), whitened pooled trunk
     features (N, c)]. The trunk is a nested model named `TRUNK_NAME`, the k upper parts a nested model
     named `MEMBERS_NAME`, so Grad-CAM can split at the trunk's output."""
