@@ -239,6 +239,44 @@ def test_recipe_selection_over_inner_parts_never_scores_a_test_fold(tiny):
         assert not train & val and not val & val_other  # each part validates on other source images
 
 
+def test_nested_refit_trains_the_member_on_the_whole_training_side(tiny):
+    """`Recipe.refit_parts`: per fold, the inner models get the inner folds of selection (same splits, same
+    seeds), the member gets every training group, and the temperature is fitted on the pooled inner parts."""
+    seen = []
+
+    class Refitter:
+        refit_parts = 2
+
+        def refit(self, parts, train, test, seeds, seed):
+            seen.append(([(set(t["group"]), set(v["group"])) for t, v in parts], set(train["group"]),
+                         set(test["group"]), seeds, seed))
+            val = pd.concat([v for _, v in parts])
+            return {"val": val["label"].to_numpy() * 0.8 + 0.1, "val_frame": val, "test": test["label"].to_numpy() * 0.6 + 0.2,
+                    "trained_images": len(train), "info": {"best_epoch": 3, "inner_best_epochs": [2, 3]}}
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("a refit recipe must not be trained the plain way")
+
+        def budget(self):
+            return {}
+
+    config = cv.CVConfig(data_dir=str(tiny), architecture="paper-cnn", k=3)
+    frame = datasets.scan_dataset(tiny).reset_index(drop=True)
+    results, oof = cv.run_folds(config, frame, Refitter(), log=lambda m: None)
+    folds, _ = fold_assignment(frame, k=3, seed=0, group_by="source")
+    for f, (parts, train, test, seeds, seed) in enumerate(seen):
+        selection = [fold_assignment(frame, k=3, seed=0, group_by="source", inner_part=p)[1][f] for p in range(2)]
+        assert train == set(frame["group"][folds != f]) and not train & test  # the whole training side
+        for (inner_train, inner_val), mask in zip(parts, selection):
+            assert inner_val == set(frame["group"][mask])  # the inner folds of recipe selection
+            assert inner_train == train - inner_val and not inner_val & test
+        assert seeds == [f, 1000 + f] and seed == f  # selection's seeds; the member keeps a plain run's
+        row = results["folds"][f]
+        assert row["val_images"] == sum(len(frame[m]) for m in selection) and row["inner_best_epochs"] == [2, 3]
+        assert row["temperature"] < 1  # fitted on the pooled, perfectly separated inner parts: sharpened
+    assert results["pooled"]["auc"] == 1.0 and not oof["probability"].isna().any()
+
+
 def test_inner_parts_options_are_checked(tiny):
     with pytest.raises(ValueError, match="inner_parts > 1 is for recipe selection"):
         cv.CVConfig(data_dir=str(tiny), architecture="paper-cnn", inner_parts=2).validate()

@@ -206,6 +206,37 @@ def test_ensemble_with_input_scale_trains_scores_and_explains(tiny_dataset, tmp_
     assert low <= pred.probability <= high
 
 
+def test_nested_refit_ensemble_trains_members_on_every_training_group(tiny_dataset, tmp_path_factory):
+    """With `refit_parts`, each member is trained on its whole training side for the inner models' median best
+    epoch (rounded up); the card says how the epochs and temperatures were found."""
+    import os
+
+    os.environ.setdefault("MAMMO_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    config = TrainConfig(data_dir=str(tiny_dataset), name="tiny-ft-refit", architecture="efficientnet-lite0-ft",
+                         folds=2, recipe={**TINY_RECIPE, "refit_parts": 2})
+    model_dir = train(config, root=tmp_path_factory.mktemp("refit-weights"), log=lambda m: None)
+    card = verify_model_dir(model_dir)
+    assert card["training"]["recipe"]["refit_parts"] == 2 and card["ensemble"]["members"] == 2
+    assert "nested refit" in card["cross_validation"]["validation"]
+    assert "inner model" in card["calibration"]["computed_on"]
+    for fold in card["cross_validation"]["folds"]:
+        assert len(fold["inner_best_epochs"]) == 2
+        assert fold["best_epoch"] == fold["epochs_run"] == finetune.refit_epochs(fold["inner_best_epochs"])
+        # the member saw every training source image (2 copies each), the inner models three quarters of them
+        assert fold["train_images_per_epoch"] == 2 * (8 - fold["n_source_images"])
+    pred = Predictor.load(model_dir).score_one(_noise_png(), name="x.png")
+    assert pred.error is None and 0 <= pred.probability <= 1
+
+
+def test_refit_epochs_and_recipe_field():
+    assert finetune.refit_epochs([3, 3, 5, 3]) == 3 and finetune.refit_epochs([2, 5]) == 4
+    with pytest.raises(ValueError, match="at least one"):
+        finetune.refit_epochs([])
+    with pytest.raises(ValueError, match=r"refit_parts must be in \[0, 4\], got 5"):
+        finetune.Recipe(refit_parts=5).validate()
+    assert finetune.Recipe.from_card({"cut": "block6a"}).refit_parts == 0  # cards before the field: no refit
+
+
 def _noise_png() -> bytes:
     from io import BytesIO
 

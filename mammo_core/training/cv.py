@@ -124,12 +124,26 @@ def run_folds(config: CVConfig, frame: pd.DataFrame, trainer: Any, *,
     fold_rows = []
     seconds = []
     trained = 0
+    refit = getattr(trainer, "refit_parts", 0)
+    inner_masks = [fold_assignment(frame, k=config.k, seed=config.seed, group_by=config.group_by, inner_part=p)[1]
+                   for p in range(refit)]
     for f in range(config.k):
         test, val = frame[folds == f], frame[val_masks[f]]
         train = frame[(folds != f) & ~val_masks[f]]
         check_disjoint({"train": train, "validation": val, "test": test}, config.group_by, f"fold {f}")
         t0 = time.time()
-        out = trainer(train, val, test, seed=config.seed + f)
+        if refit:
+            # nested refit: the inner models are those (and have the seeds) of `_run_inner_parts`'s selection
+            train = frame[folds != f]
+            parts = [(frame[(folds != f) & ~masks[f]], frame[masks[f]]) for masks in inner_masks]
+            for p, (inner_train, inner_val) in enumerate(parts):
+                check_disjoint({"train": inner_train, "validation": inner_val, "test": test}, config.group_by,
+                               f"fold {f}, inner part {p}")
+            out = trainer.refit(parts, train, test, seeds=[config.seed + f + 1000 * p for p in range(refit)],
+                                seed=config.seed + f)
+            val = out["val_frame"]
+        else:
+            out = trainer(train, val, test, seed=config.seed + f)
         seconds.append(time.time() - t0)
         trained += out["trained_images"]
         row, test_cal = _test_fold_row(f, config, train, val, test, out, seconds[-1], log)
@@ -233,9 +247,7 @@ def _results(config: CVConfig, frame: pd.DataFrame, fold_rows: list[dict[str, An
         "seed": config.seed,
         "architecture": config.architecture,
         "training": budget,
-        "validation": "inside each training fold, 25 % of its groups (stratified) are held out as the validation "
-                      "part: model choices, early stopping and the temperature come from it; the test fold is "
-                      "used only for the reported metrics",
+        "validation": _validation_text(config),
         "threshold": f"{config.threshold} on the temperature-calibrated probability (the card's default threshold)",
         "confidence_intervals": f"95 % percentile cluster bootstrap, {config.n_boot} resamples of "
                                 f"{'source images' if config.group_by == 'source' else 'patients'} (all copies of a drawn group)",
@@ -247,6 +259,20 @@ def _results(config: CVConfig, frame: pd.DataFrame, fold_rows: list[dict[str, An
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": asdict(config),
     }
+
+
+def _validation_text(config: CVConfig) -> str:
+    """How the validation parts were used, in the card's words (plain, or a fine-tuning recipe's nested refit)."""
+    refit = getattr(config.recipe, "refit_parts", 0)
+    if refit:
+        return (f"nested refit: inside each training fold, {refit} of its {INNER_VAL_FOLDS} inner folds (25 % of its "
+                "groups each, stratified) serve in turn as the validation part of an inner model, which early-stops "
+                "on it; the fold's member is then trained on the whole training fold for the median of the inner "
+                "models' best epochs (rounded up), and its temperature is fitted on their pooled validation parts; "
+                "the test fold is used only for the reported metrics")
+    return ("inside each training fold, 25 % of its groups (stratified) are held out as the validation part: model "
+            "choices, early stopping and the temperature come from it; the test fold is used only for the reported "
+            "metrics")
 
 
 def write_results(results: dict[str, Any], oof: pd.DataFrame, out_dir: str | Path) -> tuple[Path, Path]:

@@ -172,10 +172,52 @@ class FineTuneTrainer:
                            if self.recipe.input_scale != 1 else ""),
             "recipe": self.ft.recipe_dict(self.recipe),
             "optimizer": "adamw", "class_weighted": True, "batchnorm": "inference mode, ImageNet statistics, frozen",
-            "selection": "epoch with the best validation AUC (Keras EarlyStopping, restore_best_weights)",
+            "selection": ("epoch with the best validation AUC (Keras EarlyStopping, restore_best_weights)"
+                          if not self.recipe.refit_parts else
+                          f"nested refit: {self.recipe.refit_parts} inner model(s) per fold, each early-stopped on "
+                          "the best validation AUC of one inner fold of the training side; the member is trained "
+                          "on the whole training side for the median of their best epochs, rounded up"),
             "copies_per_source": self.recipe.copies_per_source,
             "feature_extraction_seconds": round(self.extraction_seconds, 1) if self.extraction_seconds else None,
             "feature_extraction_images_per_second": round(n / self.extraction_seconds, 1) if self.extraction_seconds else None,
+        }
+
+    @property
+    def refit_parts(self) -> int:
+        """How many inner models a member's nested refit needs (`Recipe.refit_parts`; 0: no refit)."""
+        return self.recipe.refit_parts
+
+    def refit(self, parts: list[tuple[pd.DataFrame, pd.DataFrame]], train: pd.DataFrame, test: pd.DataFrame,
+              seeds: list[int], seed: int) -> dict[str, Any]:
+        """A nested refit (`Recipe.refit_parts`): one inner model per (training, validation) pair of `parts`,
+        early-stopped on its validation part and then discarded; the member is trained on all of `train` for
+        `finetune.refit_epochs` of their best epochs and kept. The returned "val" probabilities are the inner
+        models' on their own validation parts, pooled (disjoint parts): the temperature is fitted on them."""
+        from scipy.special import expit
+
+        best, val_logits, val_rows, inner_auc = [], [], [], []
+        for (inner_train, inner_val), inner_seed in zip(parts, seeds):
+            _, info = self.ft.fit_member(self.activations, self.labels, self.groups, inner_train.index.to_numpy(),
+                                         inner_val.index.to_numpy(), self.recipe, seed=inner_seed, core=self.core,
+                                         index=len(self.members), log=self.log)
+            best.append(info["best_epoch"])
+            val_logits.append(info["val_logits"])
+            val_rows.append(info["val_rows"])
+            inner_auc.append(info["history"][info["best_epoch"] - 1]["val_auc"])
+        epochs = self.ft.refit_epochs(best)
+        member, info = self.ft.fit_member(self.activations, self.labels, self.groups, train.index.to_numpy(),
+                                          np.zeros(0, dtype=int), self.recipe, seed=seed, core=self.core,
+                                          index=len(self.members), epochs=epochs, log=self.log)
+        self.members.append(member)
+        test_logits = self.ft.predict_logits(member, self.activations[test.index.to_numpy()]) if len(test) else np.zeros(0)
+        return {
+            "val": expit(np.concatenate(val_logits).astype(np.float64)),
+            "test": expit(test_logits.astype(np.float64)),
+            "val_frame": self.frame.iloc[np.concatenate(val_rows)],
+            "info": {"best_epoch": epochs, "epochs_run": epochs, "inner_best_epochs": best,
+                     "inner_val_auc": [round(a, 4) for a in inner_auc],
+                     "train_images_per_epoch": info["trained_images"] // epochs},
+            "trained_images": info["trained_images"],
         }
 
     def __call__(self, train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, seed: int) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Train the fine-tuned ensemble (`efficientnet-lite0-ft`) into a model directory.
 
 Training is grouped k-fold cross-validation with `finetune.fit_member` (via `training.cv.run_folds`): each fold's
-member is trained on the other folds (minus a validation part that picks its epoch and temperature) and
+member is trained on the other folds (minus a validation part that picks its epoch and temperature; or, with a
+nested refit, on all of them, for an epoch count and with a temperature that inner models found) and
 scored on its own fold, so the out-of-fold predictions are honest estimates of the recipe, and the k
 members together are the shipped model (scored by `inference.ensemble.EnsembleScorer`). An
 out-of-distribution check is fitted on the members' shared trunk features.
@@ -118,7 +119,10 @@ def _card(config: Any, model: Any, frame: pd.DataFrame, recipe: Any, trainer: An
         "storage": {"weights": STORAGE_NOTE},
         "threshold": DEFAULT_THRESHOLD,
         "calibration": {"method": "temperature per member", "temperatures": temperatures,
-                        "computed_on": "each member's validation part (25 % of its training folds' groups)",
+                        "computed_on": ("each member's validation part (25 % of its training folds' groups)"
+                                        if not recipe.refit_parts else
+                                        f"the pooled validation parts of each member's {recipe.refit_parts} inner "
+                                        "model(s) (nested refit: the member itself trained on all its training folds)"),
                         "formula": "p_i = sigmoid(logit_i / temperature_i); p = mean(p_i)",
                         "brier_oof_before": brier(table["label"], table[UNCALIBRATED_COLUMN]),
                         "brier_oof_after": brier(table["label"], table["probability"])},

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mammo_core.config import DEFAULT_BACKBONE, IMAGE_SIZE
+from mammo_core.data.splits import INNER_VAL_FOLDS
 
 #: Cut points: name of the first trained block (`trunk_layer` gives the trunk layer whose output feeds it).
 #: "stem" is full fine-tuning: the trunk is the identity and the "activations" cached are the model inputs.
@@ -57,6 +58,12 @@ class Recipe:
     input_scale: float = 2.0
     #: which ImageNet EfficientNet-Lite ("lite0", "lite1", "lite2"; `models.efficientnet_lite.VARIANTS`)
     backbone: str = DEFAULT_BACKBONE
+    #: 0: the member is early-stopped on one validation part (25 % of its training groups), which also gives
+    #: its temperature. N >= 1: nested refit. N inner models, each early-stopped on one of the first N inner
+    #: folds of the training side, give the epoch count (`refit_epochs` of their best epochs) and, pooled, the
+    #: validation logits for the temperature; the member is then trained on the *whole* training side for that
+    #: many epochs (`training.cv.run_folds`). N+1 trainings per member.
+    refit_parts: int = 0
 
     def validate(self) -> None:
         from mammo_core.models.efficientnet_lite import VARIANTS
@@ -70,6 +77,8 @@ class Recipe:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         if not 0 < self.learning_rate < 1:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
+        if not 0 <= self.refit_parts <= INNER_VAL_FOLDS:
+            raise ValueError(f"refit_parts must be in [0, {INNER_VAL_FOLDS}], got {self.refit_parts}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 1 <= self.input_scale <= 4 or round(IMAGE_SIZE * self.input_scale) % 16:
@@ -85,7 +94,15 @@ class Recipe:
 
 
 #: Recipe fields added after the first cards were written, with the value those cards' models were trained with.
-FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {"input_scale": 1.0, "backbone": "lite0"}
+FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {"input_scale": 1.0, "backbone": "lite0", "refit_parts": 0}
+
+
+def refit_epochs(best_epochs: Sequence[int]) -> int:
+    """Epochs of a nested refit: the median of the inner models' best epochs, rounded up (the refit sees a
+    third more source images per epoch than each inner model, so rounding down would train it less)."""
+    if not len(best_epochs):
+        raise ValueError("refit_epochs needs at least one inner model's best epoch")
+    return int(np.ceil(np.median(best_epochs)))
 
 
 # --- the two parts -----------------------------------------------------------------------------------
@@ -237,7 +254,7 @@ def cached_activations(paths: Sequence[str], *, cut: str, preprocessing: str, in
 
 def _per_group_sample(indices: np.ndarray, groups: np.ndarray, per_group: int, rng: np.random.Generator) -> np.ndarray:
     """Up to `per_group` of `indices` from each group, drawn without replacement."""
-    out = []
+    out = [np.zeros(0, dtype=np.asarray(indices).dtype)]
     for g in np.unique(groups[indices]):
         members = indices[groups[indices] == g]
         out.append(members if len(members) <= per_group else rng.choice(members, per_group, replace=False))
@@ -246,9 +263,10 @@ def _per_group_sample(indices: np.ndarray, groups: np.ndarray, per_group: int, r
 
 def fit_member(activations: np.ndarray, labels: np.ndarray, groups: np.ndarray, train_idx: np.ndarray,
                val_idx: np.ndarray, recipe: Recipe, *, seed: int = 0, core=None, index: int = 0,
-               log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any]]:
+               epochs: int | None = None, log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any]]:
     """Fine-tune one upper part on cached activations; the epoch with the best validation AUC is kept
-    (Keras `EarlyStopping(restore_best_weights=True)`).
+    (Keras `EarlyStopping(restore_best_weights=True)`). With `epochs` (a nested refit's count), `val_idx` must
+    be empty: the member trains for exactly that many epochs and the last is kept.
 
     Each epoch draws `recipe.copies_per_source` fresh copies of every training source image; validation
     uses a fixed `val_copies_per_source` copies per source image. The loss is class-weighted
@@ -264,6 +282,8 @@ def fit_member(activations: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
     keras.utils.set_random_seed(seed)
     if core is None:
         _, core = build_parts(recipe.cut, recipe.input_scale, recipe.backbone)
+    if epochs is not None and (epochs < 1 or len(val_idx)):
+        raise ValueError(f"a fixed epoch count ({epochs}) needs at least one epoch and no validation rows")
     member = _compiled_member(core, recipe, index)
     rng = np.random.default_rng(seed)
     val_rows = _per_group_sample(np.asarray(val_idx), groups, recipe.val_copies_per_source, rng)
@@ -271,18 +291,22 @@ def fit_member(activations: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
     val_y = labels[val_rows]
     classes = np.unique(labels[train_idx])
     weights = dict(zip(classes.astype(int), compute_class_weight("balanced", classes=classes, y=labels[train_idx])))
-    stop = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=recipe.patience,
-                                         restore_best_weights=True)
     t0 = time.time()
-    epochs = _epoch_sampler_class()(activations, labels, groups, np.asarray(train_idx), recipe, weights, rng)
-    fit = member.fit(epochs, validation_data=(val_x, val_y), epochs=recipe.max_epochs, callbacks=[stop], verbose=0)
+    sampler = _epoch_sampler_class()(activations, labels, groups, np.asarray(train_idx), recipe, weights, rng)
+    if epochs is None:
+        stop = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=recipe.patience,
+                                             restore_best_weights=True)
+        fit = member.fit(sampler, validation_data=(val_x, val_y), epochs=recipe.max_epochs, callbacks=[stop], verbose=0)
+    else:
+        fit = member.fit(sampler, epochs=epochs, verbose=0)
     seconds = time.time() - t0
     history = [{"epoch": i + 1, **{k: float(v[i]) for k, v in fit.history.items()}} for i in range(len(fit.history["loss"]))]
-    best = int(np.nanargmax([h["val_auc"] for h in history])) + 1
-    val_logits = predict_logits(member, val_x)
+    best = int(np.nanargmax([h["val_auc"] for h in history])) + 1 if epochs is None else epochs
+    val_logits = predict_logits(member, val_x) if len(val_x) else np.zeros(0, dtype=np.float32)
     trained = len(history) * len(_per_group_sample(np.asarray(train_idx), groups, recipe.copies_per_source, rng))
-    log(f"member {index}: best epoch {best}/{len(history)}, validation AUC {history[best - 1]['val_auc']:.3f}, "
-        f"{trained / max(seconds, 1e-6):.0f} img/s")
+    log(f"member {index}: " + (f"best epoch {best}/{len(history)}, validation AUC {history[best - 1]['val_auc']:.3f}, "
+                               if epochs is None else f"refitted for {epochs} epochs, ")
+        + f"{trained / max(seconds, 1e-6):.0f} img/s")
     return member, {"best_epoch": best, "epochs_run": len(history), "history": history, "val_rows": val_rows,
                     "val_logits": val_logits, "seconds": seconds, "trained_images": trained}
 
