@@ -172,6 +172,34 @@ def test_sigterm_is_reported_as_cancelled_even_when_library_code_wraps_it(tmp_pa
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is restored
 
 
+def test_sigterm_during_the_fit_is_raised_at_a_batch_boundary(tmp_path, tiny_dataset):
+    """During Keras' fit the SIGTERM handler only records the request (raising from wherever the main thread
+    is, with TensorFlow mid-step, once ended a run in a segmentation fault); the fit's cancel callback
+    raises Cancelled at the next batch boundary, and nothing is written."""
+    from mammo_core.store import run_safety
+
+    seen: list[str] = []
+
+    def on_progress(state):
+        seen.append(f"epoch {state['epoch']} step {state['step']}")
+        if len(seen) == 1:  # the first report: the beginning of epoch 1, inside the fit
+            requested = run_safety._ACTIVE[-1]
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.time() + 10
+            while not requested.is_set():  # the handler runs in here, and must not raise
+                assert time.time() < deadline, "the SIGTERM handler did not run"
+                time.sleep(0.005)
+            seen.append("handled, not raised")
+
+    progress = tmp_path / "progress.json"
+    with pytest.raises(Cancelled):
+        train(TrainConfig(data_dir=str(tiny_dataset), name="x", protocol="paper", epochs=50, batch_size=8),
+              root=tmp_path / "w", progress_path=progress, on_progress=on_progress, log=lambda m: None)
+    assert seen == ["epoch 1 step 0", "handled, not raised"]  # raised at the end of the first batch
+    assert json.loads(progress.read_text())["state"] == "cancelled"
+    assert not (tmp_path / "w" / "x").exists() and not list((tmp_path / "w").glob(".tmp-*"))
+
+
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_killed_or_cancelled_training_loses_nothing(trained, tiny_dataset, tmp_path, how):
     import shutil

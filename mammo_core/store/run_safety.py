@@ -1,6 +1,7 @@
 """Process safety of a training run: one run at a time (an `flock` lock the kernel releases when its holder
-dies, so a killed run never leaves a stale lock), SIGTERM turned into a clean cancellation, and half-written
-model folders (`.tmp-<name>-<pid>`) of dead runs removed.
+dies, so a killed run never leaves a stale lock), SIGTERM turned into a clean cancellation (raised at the next
+batch boundary while a Keras `fit` runs, `cancel_at_batch_end`), and half-written model folders
+(`.tmp-<name>-<pid>`) of dead runs removed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import shutil
 import signal
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from mammo_core.config import weights_dir
 from mammo_core.errors import MammoError, TrainingBusyError
@@ -70,30 +71,102 @@ def remove_stale_tmp_dirs(root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+class CancelRequest(threading.Event):
+    """The Event `sigterm_cancels` yields: set when SIGTERM arrived.
+
+    `deferred` counts the open `cancel_at_batch_end` blocks; while it is non-zero the SIGTERM handler only
+    sets the Event and the cancellation is raised later, at a safe point, by `check`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deferred = 0  # changed by the main thread only, like the handler that reads it
+
+    def check(self) -> None:
+        """Raise Cancelled if SIGTERM arrived; call it only where ordinary Python code is on the stack."""
+        if self.is_set():
+            raise Cancelled("training cancelled")
+
+
+#: The requests of the open `sigterm_cancels` blocks that installed their handler, innermost last.
+_ACTIVE: list[CancelRequest] = []
+
+
 @contextlib.contextmanager
-def sigterm_cancels() -> Iterator[threading.Event]:
+def sigterm_cancels() -> Iterator[CancelRequest]:
     """Turn SIGTERM into a Cancelled exception so cleanup runs (main thread only).
 
-    Yields an Event set when SIGTERM arrived. The exception is raised wherever the main thread is, and
-    TensorFlow or Keras code there may wrap it in an error of its own; the caller uses the Event to
-    report such an error as the cancellation it is. A second SIGTERM during the cleanup is ignored.
+    Yields a `CancelRequest` (an Event) set when SIGTERM arrived. Outside `cancel_at_batch_end` the
+    exception is raised wherever the main thread is (decoding images, writing files), and TensorFlow or
+    Keras code there may wrap it in an error of its own; the caller uses the Event to report such an
+    error as the cancellation it is. Inside `cancel_at_batch_end` (around Keras fits) the handler only
+    sets the Event and a Keras callback raises at the next batch boundary: an exception raised in the
+    middle of Keras' `fit`, with TensorFlow's runtime mid-step, once ended a run in a segmentation fault.
+    A second SIGTERM during the cleanup is ignored.
     """
-    requested = threading.Event()
+    requested = CancelRequest()
 
     def handler(signum, frame):  # noqa: ARG001
         if not requested.is_set():
             requested.set()
-            raise Cancelled("training cancelled")
+            if not requested.deferred:
+                raise Cancelled("training cancelled")
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not in the main thread
         yield requested
         return
+    _ACTIVE.append(requested)
     try:
         yield requested
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _ACTIVE.remove(requested)
+
+
+@contextlib.contextmanager
+def cancel_at_batch_end(requested: CancelRequest | None = None) -> Iterator[list[Any]]:
+    """Around Keras fits: SIGTERM only records the request, and Cancelled is raised at a batch boundary.
+
+    Yields the callbacks to add to every Keras `fit` run in the block (one `cancel_callback`): it raises
+    Cancelled at the end of the batch (train, validation or predict) or epoch during which SIGTERM
+    arrived, from ordinary Python code, instead of the handler raising wherever the main thread is. When
+    the block ends normally after a SIGTERM that no callback has acted on yet (it came after the last
+    batch), Cancelled is raised there. Other code in the block delays a cancellation until the next
+    check, so keep the block to the fits. `requested` defaults to the innermost open `sigterm_cancels`;
+    with none (not under `sigterm_cancels`, or its handler could not be installed) the block changes
+    nothing and yields no callbacks.
+    """
+    if requested is None:
+        requested = _ACTIVE[-1] if _ACTIVE else None
+    if requested is None:
+        yield []
+        return
+    requested.check()
+    requested.deferred += 1
+    try:
+        yield [cancel_callback(requested)]
+    finally:
+        requested.deferred -= 1
+    requested.check()
+
+
+def cancel_callback(requested: CancelRequest) -> Any:
+    """A Keras callback that raises Cancelled at the next batch or epoch boundary once `requested` is set."""
+    import keras  # here, not at module level: mammo_core.store stays free of TensorFlow until a fit needs it
+
+    class CancelAtBatchEnd(keras.callbacks.Callback):
+        """Raise Cancelled at the first batch or epoch boundary after SIGTERM (synchronous: it overrides
+        the batch hooks, so Keras never dispatches them to a worker thread)."""
+
+        def _check(self, *args: Any, **kwargs: Any) -> None:  # noqa: ARG002
+            requested.check()
+
+        on_train_batch_end = on_test_batch_end = on_predict_batch_end = _check
+        on_epoch_begin = on_epoch_end = _check
+
+    return CancelAtBatchEnd()
 
 
 @contextlib.contextmanager

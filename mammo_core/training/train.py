@@ -1,8 +1,9 @@
 """Train a model on a dataset split and write a complete model directory (model, card, history, predictions).
 
 The directory is built in a hidden staging folder and renamed into place only once every file is
-written, under the one-training-at-a-time lock with SIGTERM as a clean cancellation (`store.run_safety`):
-a crash, a cancel or a full disk leaves every existing model untouched.
+written, under the one-training-at-a-time lock with SIGTERM as a clean cancellation (`store.run_safety`;
+during a Keras fit it is raised at the next batch boundary): a crash, a cancel or a full disk leaves every
+existing model untouched.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from mammo_core.store.card import card_head, write_card
 from mammo_core.store.files import atomic_write_text, sha256_file
 from mammo_core.store.registry import (HISTORY_FILE, MODEL_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE,
                                        record_model)
-from mammo_core.store.run_safety import Cancelled, sigterm_cancels, staging_dir, training_lock
+from mammo_core.store.run_safety import (Cancelled, cancel_at_batch_end, sigterm_cancels, staging_dir,
+                                         training_lock)
 from mammo_core.training.fit import fit_network
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -275,11 +277,12 @@ def _fit_on_images(config: TrainConfig, arch, parts: dict[str, pd.DataFrame], ou
     weights = class_weights(parts["train"]["label"].to_numpy()) if arch.class_weighted else None
     keep_best = config.protocol != "paper"  # the reproduction keeps the paper's last epoch
     t0 = time.time()
-    best_epoch = fit_network(model, trainer, strategy, train_ds, images["val"], parts["val"]["label"],
-                             epochs=config.epochs, batch_size=config.batch_size, channels=config.channels,
-                             class_weight=weights, callbacks=[progress], keep_best=keep_best, log=log,
-                             checkpoints=distribute.checkpoint_dir(out, config.name),
-                             chief=distribute.is_chief(config.strategy))
+    with cancel_at_batch_end() as cancel:  # SIGTERM raises at a batch boundary, not inside TensorFlow
+        best_epoch = fit_network(model, trainer, strategy, train_ds, images["val"], parts["val"]["label"],
+                                 epochs=config.epochs, batch_size=config.batch_size, channels=config.channels,
+                                 class_weight=weights, callbacks=[*cancel, progress], keep_best=keep_best, log=log,
+                                 checkpoints=distribute.checkpoint_dir(out, config.name),
+                                 chief=distribute.is_chief(config.strategy))
     if distribute.is_multi_worker(strategy):
         log(f"{distribute.task_name(config.strategy)}: final weights sha256 {distribute.weights_digest(model)}")
     computation["kept_epoch"] = (f"{best_epoch} (lowest validation loss)" if keep_best
@@ -310,11 +313,13 @@ def _fit_feature_head(config: TrainConfig, frame: pd.DataFrame, parts: dict[str,
     labels = {s: part["label"].to_numpy() for s, part in parts.items()}
     steps = int(np.ceil(len(parts["train"]) / config.batch_size))
     t0 = time.time()
-    fit = heads.select_head(
-        feats["train"], labels["train"], feats["val"], labels["val"], epochs=config.epochs,
-        batch_size=config.batch_size, learning_rate=config.learning_rate or 1e-3, seed=config.seed,
-        callbacks_for=lambda i: [_progress_callback(progress_path, out / HISTORY_FILE, config.epochs, steps, on_progress)],
-    )
+    with cancel_at_batch_end() as cancel:  # SIGTERM raises at a batch boundary, not inside TensorFlow
+        fit = heads.select_head(
+            feats["train"], labels["train"], feats["val"], labels["val"], epochs=config.epochs,
+            batch_size=config.batch_size, learning_rate=config.learning_rate or 1e-3, seed=config.seed,
+            callbacks_for=lambda i: [*cancel, _progress_callback(progress_path, out / HISTORY_FILE, config.epochs,
+                                                                 steps, on_progress)],
+        )
     fit_seconds = time.time() - t0
     pd.DataFrame(fit["history"]).to_csv(out / HISTORY_FILE, index=False)  # the chosen head's curves
     log(f"head: L2 {fit['l2']} chosen on validation AUC ({fit['val_auc']:.3f}), epoch {fit['best_epoch']}")
