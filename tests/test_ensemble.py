@@ -237,6 +237,40 @@ def test_refit_epochs_and_recipe_field():
     assert finetune.Recipe.from_card({"cut": "block6a"}).refit_parts == 0  # cards before the field: no refit
 
 
+def test_sigterm_during_a_member_fit_is_raised_at_a_batch_boundary(monkeypatch):
+    """The ensemble's fits, like `train`'s, take the cancel callback: under `sigterm_cancels` the handler only
+    records a SIGTERM, and Cancelled comes at the end of the batch during which it arrived."""
+    import os
+    import signal
+    import time
+
+    import keras
+
+    from mammo_core.store.run_safety import Cancelled, sigterm_cancels
+
+    seen: list[str] = []
+
+    class SignalAtSecondBatch(keras.callbacks.EarlyStopping):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append(f"batch {batch}")
+            if batch == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+                deadline = time.time() + 10
+                while not requested.is_set():  # the handler runs in here, and must not raise
+                    assert time.time() < deadline, "the SIGTERM handler did not run"
+                    time.sleep(0.005)
+                seen.append("handled, not raised")
+
+    monkeypatch.setattr(keras.callbacks, "EarlyStopping", SignalAtSecondBatch)
+    recipe = finetune.Recipe(cut="block7a", input_scale=1.0, max_epochs=2, copies_per_source=8, batch_size=4)
+    rng = np.random.default_rng(0)
+    activations = rng.normal(size=(32, 7, 7, 192)).astype(np.float16)
+    labels, groups = np.arange(32) % 2, np.arange(32) // 4
+    with sigterm_cancels() as requested, pytest.raises(Cancelled):
+        finetune.fit_member(activations, labels, groups, np.arange(24), np.arange(24, 32), recipe, log=lambda m: None)
+    assert seen == ["batch 0", "batch 1", "handled, not raised"]  # batch 1 finished; batch 2 never began
+
+
 def _noise_png() -> bytes:
     from io import BytesIO
 

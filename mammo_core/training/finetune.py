@@ -276,6 +276,8 @@ def fit_member(activations: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
     import keras
     from sklearn.utils.class_weight import compute_class_weight
 
+    from mammo_core.store.run_safety import cancel_at_batch_end
+
     recipe.validate()
     labels = np.asarray(labels, dtype=np.float32)
     groups = np.asarray(groups)
@@ -293,12 +295,14 @@ def fit_member(activations: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
     weights = dict(zip(classes.astype(int), compute_class_weight("balanced", classes=classes, y=labels[train_idx])))
     t0 = time.time()
     sampler = _epoch_sampler_class()(activations, labels, groups, np.asarray(train_idx), recipe, weights, rng)
-    if epochs is None:
-        stop = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=recipe.patience,
-                                             restore_best_weights=True)
-        fit = member.fit(sampler, validation_data=(val_x, val_y), epochs=recipe.max_epochs, callbacks=[stop], verbose=0)
-    else:
-        fit = member.fit(sampler, epochs=epochs, verbose=0)
+    with cancel_at_batch_end() as cancel:  # under `train`, SIGTERM raises at a batch boundary, not inside TensorFlow
+        if epochs is None:
+            stop = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=recipe.patience,
+                                                 restore_best_weights=True)
+            fit = member.fit(sampler, validation_data=(val_x, val_y), epochs=recipe.max_epochs,
+                             callbacks=[*cancel, stop], verbose=0)
+        else:
+            fit = member.fit(sampler, epochs=epochs, callbacks=[*cancel], verbose=0)
     seconds = time.time() - t0
     history = [{"epoch": i + 1, **{k: float(v[i]) for k, v in fit.history.items()}} for i in range(len(fit.history["loss"]))]
     best = int(np.nanargmax([h["val_auc"] for h in history])) + 1 if epochs is None else epochs
