@@ -16,7 +16,7 @@ from mammo_core.training.finetune import Recipe
 
 DATA = os.environ.get("MAMMO_DATA_DIR", "../shared/data/augmented-inbreast")
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "cv-results/efficientnet-lite0-ft-full-source")
-H = Recipe(cut="stem", learning_rate=3e-4, copies_per_source=32, input_scale=1.0)
+H = Recipe(cut="stem", learning_rate=3e-4, copies_per_source=32, input_scale=1.0, refit_parts=0)
 
 
 def log(message: str) -> None:

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export MAMMO_DATA_DIR=${MAMMO_DATA_DIR:-../shared/data/augmented-inbreast}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}  # the experiments import mammo_core from this checkout
 PY=${PY:-.venv/bin/python}
-recipe="--recipe cut=stem --recipe learning_rate=0.0003 --recipe copies_per_source=32 --recipe input_scale=1.0"
+recipe="--recipe cut=stem --recipe learning_rate=0.0003 --recipe copies_per_source=32 --recipe input_scale=1.0 --recipe refit_parts=0"
 # by source image: the same run as `cv --group-by source`, keeping the five members for a later ensemble
 $PY experiments/final_full_source.py cv-results/efficientnet-lite0-ft-full-source
 $PY -m mammo_core cv --arch efficientnet-lite0-ft --group-by patient --preprocessing breast-crop-v1 $recipe \

@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export MAMMO_DATA_DIR=${MAMMO_DATA_DIR:-../shared/data/augmented-inbreast}
 PY=${PY:-.venv/bin/python}
-recipe="--recipe refit_parts=2"  # every other field: Recipe()'s defaults, i.e. recipe I
+recipe="--recipe learning_rate=0.0003 --recipe input_scale=2.0 --recipe refit_parts=2"  # I's fields named; refit added
 name=efficientnet-lite0-ft-x2-refit-ensemble
 $PY -m mammo_core train --arch efficientnet-lite0-ft --name $name --group-by source --preprocessing breast-crop-v1 $recipe
 $PY experiments/compare_oof.py weights/$name/test_predictions.csv weights/efficientnet-lite0-ft-x2-ensemble/test_predictions.csv

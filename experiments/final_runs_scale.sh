@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export MAMMO_DATA_DIR=${MAMMO_DATA_DIR:-../shared/data/augmented-inbreast}
 PY=${PY:-.venv/bin/python}
-recipe="--recipe learning_rate=0.0003 --recipe input_scale=2.0"  # named, though they are now Recipe()'s defaults
+recipe="--recipe learning_rate=0.0003 --recipe input_scale=2.0 --recipe refit_parts=0"  # every field that Recipe()'s defaults have changed since
 name=efficientnet-lite0-ft-x2-ensemble
 $PY -m mammo_core train --arch efficientnet-lite0-ft --name $name --group-by source --preprocessing breast-crop-v1 $recipe
 $PY -m mammo_core cv --arch efficientnet-lite0-ft --group-by patient --preprocessing breast-crop-v1 $recipe --out cv-results/$name-patient --into-card $name

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export MAMMO_DATA_DIR=${MAMMO_DATA_DIR:-../shared/data/augmented-inbreast}
 PY=${PY:-.venv/bin/python}
-recipe="--recipe learning_rate=0.0003 --recipe input_scale=3.0"
+recipe="--recipe learning_rate=0.0003 --recipe input_scale=3.0 --recipe refit_parts=0"
 name=efficientnet-lite0-ft-x3-ensemble
 $PY -m mammo_core train --arch efficientnet-lite0-ft --name $name --group-by source --preprocessing breast-crop-v1 $recipe
 $PY -m mammo_core cv --arch efficientnet-lite0-ft --group-by patient --preprocessing breast-crop-v1 $recipe --out cv-results/$name-patient --into-card $name

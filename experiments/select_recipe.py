@@ -7,7 +7,7 @@ DATA = os.environ.get("MAMMO_DATA_DIR", "../shared/data/augmented-inbreast")
 from dataclasses import replace
 # The first round's base recipe. Recipe()'s defaults have since become the chosen recipe (I), so every row
 # below names its fields from this base.
-A = Recipe(learning_rate=1e-4, input_scale=1.0)
+A = Recipe(learning_rate=1e-4, input_scale=1.0, refit_parts=0)  # selection scores validation parts: no refit
 configs = [
  ("A-pad", "breast-crop-v1", A),
  ("B-lr3e-4", "breast-crop-v1", replace(A, learning_rate=3e-4)),

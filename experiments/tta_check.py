@@ -22,7 +22,7 @@ from mammo_core.training.finetune import Recipe
 
 DATA = os.environ.get("MAMMO_DATA_DIR", "../shared/data/augmented-inbreast")
 PREP = "breast-crop-v1"
-RECIPE = Recipe(learning_rate=3e-4, copies_per_source=32, input_scale=1.0)  # D, frozen on 2026-11-30 before this check
+RECIPE = Recipe(learning_rate=3e-4, copies_per_source=32, input_scale=1.0, refit_parts=0)  # D, frozen on 2026-11-30 before this check
 VIEWS = {  # name -> function on (N, H, W) arrays; the chest wall stays left unless the view flips it
     "plain": lambda x: x,
     "vflip": lambda x: x[:, ::-1, :],

@@ -132,8 +132,8 @@ def test_cli_stores_the_block_in_the_card(tmp_path, capsys):
 def test_real_patient_map_gives_breasts_for_the_shipped_default():
     data = Path(os.environ["MAMMO_DATA_DIR"])
     patients = breast_level.read_patients(data / "patients.csv")
-    oof_path = REPO / "cv-results" / "efficientnet-lite0-ft-x2-ensemble-patient" / "oof_predictions.csv"
-    card = read_card(REPO / "weights" / "efficientnet-lite0-ft-x2-ensemble")
+    oof_path = REPO / "cv-results" / "efficientnet-lite0-ft-x2-refit-ensemble-patient" / "oof_predictions.csv"
+    card = read_card(REPO / "weights" / "efficientnet-lite0-ft-x2-refit-ensemble")
     if oof_path.is_file():
         oof = breast_level.read_oof(oof_path)
         assert breast_level.copy_auc_matches(oof, card["cross_validation_patient"]) is True

@@ -137,7 +137,8 @@ def test_recipe_from_a_card_that_predates_a_field():
     """An older card has no input_scale: its model ran at 1, whatever today's default; unknown keys are ignored."""
     old = {"cut": "block6a", "learning_rate": 3e-4, "copies_per_source": 32}
     assert finetune.Recipe().input_scale == 2.0
-    assert finetune.Recipe.from_card(old) == finetune.Recipe(learning_rate=3e-4, copies_per_source=32, input_scale=1.0)
+    assert finetune.Recipe.from_card(old) == finetune.Recipe(learning_rate=3e-4, copies_per_source=32, input_scale=1.0,
+                                                             refit_parts=0)
     assert finetune.Recipe.from_card({**old, "input_scale": 2.0, "later_field": 1}).input_scale == 2.0
     assert finetune.Recipe.from_card(old).backbone == "lite0"
     assert finetune.Recipe.from_card({**old, "backbone": "lite2"}).backbone == "lite2"
@@ -330,7 +331,7 @@ def test_cli_evaluate_reads_out_of_fold_predictions_and_refuses_rescoring(ensemb
     assert "no held-out split" in capsys.readouterr().err
 
 
-SHIPPED = "efficientnet-lite0-ft-x2-ensemble"  # the default (weights/ACTIVE)
+SHIPPED = "efficientnet-lite0-ft-x2-refit-ensemble"  # the default (weights/ACTIVE)
 
 
 @pytest.fixture(scope="module")
@@ -352,6 +353,8 @@ def test_shipped_ensemble_card_is_complete(shipped):
     assert card["split"]["protocol"] == "cross-validation" and card["input_pipeline"] == "breast-crop-v1"
     assert card["dataset"]["path"] == "$MAMMO_DATA_DIR"
     assert card["training"]["recipe"]["input_scale"] == 2.0 and card["storage"]["measured"]["images"] == 7632
+    assert card["training"]["recipe"]["refit_parts"] == 2 and "nested refit" in card["cross_validation"]["validation"]
+    assert finetune.Recipe.from_card(card["training"]["recipe"]) == finetune.Recipe()  # Retrain reproduces it
     from mammo_core.config import REPO_ROOT
 
     assert (REPO_ROOT / "weights" / "ACTIVE").read_text().strip() == SHIPPED

@@ -41,8 +41,8 @@ ARCHITECTURE = "efficientnet-lite0-ft"
 class Recipe:
     """How one member is fine-tuned. Every field is recorded in the model card.
 
-    The defaults are the shipped default's recipe ("I" in docs/EXPERIMENTS.md, chosen on validation parts),
-    so `train --arch efficientnet-lite0-ft` and the app's Retrain page reproduce it."""
+    The defaults are the shipped default's recipe ("K" in docs/EXPERIMENTS.md: recipe I, chosen on validation
+    parts, with a nested refit), so `train --arch efficientnet-lite0-ft` and the app's Retrain page reproduce it."""
 
     cut: str = "block6a"
     learning_rate: float = 3e-4
@@ -63,7 +63,7 @@ class Recipe:
     #: folds of the training side, give the epoch count (`refit_epochs` of their best epochs) and, pooled, the
     #: validation logits for the temperature; the member is then trained on the *whole* training side for that
     #: many epochs (`training.cv.run_folds`). N+1 trainings per member.
-    refit_parts: int = 0
+    refit_parts: int = 2
 
     def validate(self) -> None:
         from mammo_core.models.efficientnet_lite import VARIANTS
