@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import pandas as pd
+
 #: The card keys of grouped cross-validation, and what each is grouped by (the honest numbers).
 CV_KEYS = {"cross_validation": "source image", "cross_validation_patient": "patient"}
 CROSS_VALIDATION = "cross-validation"
@@ -26,7 +28,22 @@ FOLD_COLUMNS = {
     "n_patients": "test patients", "val_auc": "validation AUC", "temperature": "temperature",
     "train_images": "training images", "val_images": "validation images", "minutes": "minutes to train",
     "l2": "L2 weight decay", "best_epoch": "best epoch",
+    "inner_best_epochs": "inner models' best epochs",
 }
+
+
+def fold_table(folds: list[dict[str, Any]]) -> pd.DataFrame:
+    """The per-fold rows of a card's cross-validation with readable column names. Under a nested refit the
+    member's epoch count is the inner models' (their best epochs in a column of their own), and the validation
+    AUC is that of the inner models on their pooled parts (the page's caption quotes the card's protocol)."""
+    table = pd.DataFrame(folds)
+    table = table[[c for c in table.columns if c in FOLD_COLUMNS]]
+    refit = "inner_best_epochs" in table.columns
+    if refit:
+        table["inner_best_epochs"] = table["inner_best_epochs"].map(
+            lambda e: " ".join(str(x) for x in e) if isinstance(e, list) else "")
+    names = {**FOLD_COLUMNS, **({"best_epoch": "epochs (refit)"} if refit else {})}
+    return table.rename(columns=names)
 
 
 def _num(value: Any) -> float | None:

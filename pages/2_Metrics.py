@@ -153,11 +153,12 @@ def cross_validation(cv: dict[str, Any]) -> None:
                 f"grouped by {cv.get('group_by', '?')}")
     folds = cv.get("folds") or []
     if folds:
-        table = pd.DataFrame(folds)
-        table = table[[c for c in table.columns if c in cards.FOLD_COLUMNS]].rename(columns=cards.FOLD_COLUMNS)
+        table = cards.fold_table(folds)
         st.dataframe(table, hide_index=True, column_config={
             c: st.column_config.NumberColumn(format="%.3f") for c in ("AUC", "accuracy", "sensitivity", "specificity",
                                                                        "validation AUC", "temperature")})
+    if cv.get("validation"):
+        st.caption(f"Validation: {cv['validation']}.")
     pooled = cv.get("pooled") or {}
     if pooled:
         rows = []

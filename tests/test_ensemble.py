@@ -229,6 +229,17 @@ def test_nested_refit_ensemble_trains_members_on_every_training_group(tiny_datas
     assert pred.error is None and 0 <= pred.probability <= 1
 
 
+def test_metrics_fold_table_names_a_refits_columns():
+    """Metrics' per-fold table: a refit's epoch count and pooled inner validation AUC are labelled as such."""
+    from appkit import cards
+
+    plain = cards.fold_table([{"fold": 0, "auc": 0.8, "best_epoch": 3, "val_auc": 0.7, "history": [1]}])
+    assert list(plain.columns) == ["fold", "AUC", "best epoch", "validation AUC"]
+    refit = cards.fold_table([{"fold": 0, "auc": 0.8, "best_epoch": 4, "val_auc": 0.7, "inner_best_epochs": [3, 5]}])
+    assert list(refit.columns) == ["fold", "AUC", "epochs (refit)", "validation AUC", "inner models' best epochs"]
+    assert refit["inner models' best epochs"].tolist() == ["3 5"]
+
+
 def test_refit_epochs_and_recipe_field():
     assert finetune.refit_epochs([3, 3, 5, 3]) == 3 and finetune.refit_epochs([2, 5]) == 4
     with pytest.raises(ValueError, match="at least one"):
