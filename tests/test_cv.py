@@ -275,6 +275,8 @@ def test_nested_refit_trains_the_member_on_the_whole_training_side(tiny):
         assert row["val_images"] == sum(len(frame[m]) for m in selection) and row["inner_best_epochs"] == [2, 3]
         assert row["temperature"] < 1  # fitted on the pooled, perfectly separated inner parts: sharpened
     assert results["pooled"]["auc"] == 1.0 and not oof["probability"].isna().any()
+    # the trainer's refit is described even when the config names no recipe (Recipe()'s default refits)
+    assert config.recipe is None and results["validation"].startswith("nested refit: ")
 
 
 def test_inner_parts_options_are_checked(tiny):

@@ -157,7 +157,7 @@ def run_folds(config: CVConfig, frame: pd.DataFrame, trainer: Any, *,
     total = float(sum(seconds))
     budget.update({"minutes_per_fold": round(total / 60 / config.k, 2),
                    "train_images_per_second": round(trained / total, 1) if total else None})
-    return _results(config, frame, fold_rows, _pooled(config, oof), budget), oof
+    return _results(config, frame, fold_rows, _pooled(config, oof), budget, refit), oof
 
 
 def _group_column(config: CVConfig) -> str:
@@ -238,7 +238,7 @@ def _pooled(config: CVConfig, oof: pd.DataFrame) -> dict[str, Any]:
 
 
 def _results(config: CVConfig, frame: pd.DataFrame, fold_rows: list[dict[str, Any]], pooled: dict[str, Any],
-             budget: dict[str, Any]) -> dict[str, Any]:
+             budget: dict[str, Any], refit: int = 0) -> dict[str, Any]:
     """The results dict, in the shape a model card stores (`store_in_card`)."""
     return {
         "protocol": protocol_text(config.k, config.group_by),
@@ -247,7 +247,7 @@ def _results(config: CVConfig, frame: pd.DataFrame, fold_rows: list[dict[str, An
         "seed": config.seed,
         "architecture": config.architecture,
         "training": budget,
-        "validation": _validation_text(config),
+        "validation": _validation_text(refit),
         "threshold": f"{config.threshold} on the temperature-calibrated probability (the card's default threshold)",
         "confidence_intervals": f"95 % percentile cluster bootstrap, {config.n_boot} resamples of "
                                 f"{'source images' if config.group_by == 'source' else 'patients'} (all copies of a drawn group)",
@@ -261,9 +261,9 @@ def _results(config: CVConfig, frame: pd.DataFrame, fold_rows: list[dict[str, An
     }
 
 
-def _validation_text(config: CVConfig) -> str:
-    """How the validation parts were used, in the card's words (plain, or a fine-tuning recipe's nested refit)."""
-    refit = getattr(config.recipe, "refit_parts", 0)
+def _validation_text(refit: int) -> str:
+    """How the validation parts were used, in the card's words: plain, or the nested refit of `refit` inner
+    models that the trainer ran (its recipe's, which may be `Recipe()`'s default when the config names none)."""
     if refit:
         return (f"nested refit: inside each training fold, {refit} of its {INNER_VAL_FOLDS} inner folds (25 % of its "
                 "groups each, stratified) serve in turn as the validation part of an inner model, which early-stops "
