@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +123,12 @@ def dicom_bytes(pixels: np.ndarray, *, transfer_syntax: str | None = None, **att
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def sigterm_and_wait(requested, timeout: float = 10.0) -> None:
+    """SIGTERM to this process, then wait until the handler has set `requested` (it may raise in here)."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.time() + timeout
+    while not requested.is_set():
+        assert time.time() < deadline, "the SIGTERM handler did not run"
+        time.sleep(0.005)

@@ -252,13 +252,11 @@ def test_refit_epochs_and_recipe_field():
 def test_sigterm_during_a_member_fit_is_raised_at_a_batch_boundary(monkeypatch):
     """The ensemble's fits, like `train`'s, take the cancel callback: under `sigterm_cancels` the handler only
     records a SIGTERM, and Cancelled comes at the end of the batch during which it arrived."""
-    import os
-    import signal
-    import time
-
     import keras
 
     from mammo_core.store.run_safety import Cancelled, sigterm_cancels
+
+    from .factories import sigterm_and_wait
 
     seen: list[str] = []
 
@@ -266,11 +264,7 @@ def test_sigterm_during_a_member_fit_is_raised_at_a_batch_boundary(monkeypatch):
         def on_train_batch_begin(self, batch, logs=None):
             seen.append(f"batch {batch}")
             if batch == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-                deadline = time.time() + 10
-                while not requested.is_set():  # the handler runs in here, and must not raise
-                    assert time.time() < deadline, "the SIGTERM handler did not run"
-                    time.sleep(0.005)
+                sigterm_and_wait(requested)  # the handler runs in here, and must not raise
                 seen.append("handled, not raised")
 
     monkeypatch.setattr(keras.callbacks, "EarlyStopping", SignalAtSecondBatch)

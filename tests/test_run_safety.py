@@ -7,9 +7,6 @@ These tests prove the mechanism (where Cancelled is raised); the segmentation fa
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -17,26 +14,19 @@ import pytest
 from mammo_core.store import run_safety
 from mammo_core.store.run_safety import Cancelled, cancel_at_batch_end, sigterm_cancels
 
+from .factories import sigterm_and_wait
+
 SIGNAL_AT_BATCH = 2
-
-
-def _sigterm_and_wait(requested, timeout: float = 10.0) -> None:
-    """SIGTERM to this process, then wait until the handler has run (it may raise in here)."""
-    os.kill(os.getpid(), signal.SIGTERM)
-    deadline = time.time() + timeout
-    while not requested.is_set():
-        assert time.time() < deadline, "the SIGTERM handler did not run"
-        time.sleep(0.005)
 
 
 def test_outside_the_deferred_mode_sigterm_raises_at_once():
     reached = []
     with sigterm_cancels() as requested:
         with pytest.raises(Cancelled):
-            _sigterm_and_wait(requested)
+            sigterm_and_wait(requested)
             reached.append("after the signal")
         assert reached == [] and requested.is_set()
-        _sigterm_and_wait(requested)  # a second SIGTERM (during the cleanup) is ignored
+        sigterm_and_wait(requested)  # a second SIGTERM (during the cleanup) is ignored
     assert run_safety._ACTIVE == []
 
 
@@ -46,12 +36,12 @@ def test_in_the_deferred_mode_sigterm_waits_for_a_check_and_the_block_end_raises
         with pytest.raises(Cancelled):
             with cancel_at_batch_end() as callbacks:
                 assert len(callbacks) == 1
-                _sigterm_and_wait(requested)  # recorded, not raised
+                sigterm_and_wait(requested)  # recorded, not raised
                 reached.append("after the signal")
             reached.append("not reached: the block's end raises")
         assert reached == ["after the signal"]
         assert requested.deferred == 0
-        _sigterm_and_wait(requested)  # the second is still ignored, outside the block as well
+        sigterm_and_wait(requested)  # the second is still ignored, outside the block as well
     assert run_safety._ACTIVE == []
 
 
@@ -74,7 +64,7 @@ def test_sigterm_inside_a_keras_fit_is_raised_at_the_end_of_its_batch(deferred):
         def on_train_batch_begin(self, batch, logs=None):
             events.append(f"begin {batch}")
             if batch == SIGNAL_AT_BATCH:
-                _sigterm_and_wait(requested)
+                sigterm_and_wait(requested)
                 events.append("signal handled")
 
         def on_train_batch_end(self, batch, logs=None):

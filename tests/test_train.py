@@ -23,6 +23,8 @@ from mammo_core.models.fast_training import resolve_precision  # noqa: E402
 from mammo_core.store.run_safety import Cancelled, training_in_progress, training_lock  # noqa: E402
 from mammo_core.training.train import TrainConfig, train  # noqa: E402
 
+from .factories import sigterm_and_wait  # noqa: E402
+
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -183,12 +185,7 @@ def test_sigterm_during_the_fit_is_raised_at_a_batch_boundary(tmp_path, tiny_dat
     def on_progress(state):
         seen.append(f"epoch {state['epoch']} step {state['step']}")
         if len(seen) == 1:  # the first report: the beginning of epoch 1, inside the fit
-            requested = run_safety._ACTIVE[-1]
-            os.kill(os.getpid(), signal.SIGTERM)
-            deadline = time.time() + 10
-            while not requested.is_set():  # the handler runs in here, and must not raise
-                assert time.time() < deadline, "the SIGTERM handler did not run"
-                time.sleep(0.005)
+            sigterm_and_wait(run_safety._ACTIVE[-1])  # the handler runs in here, and must not raise
             seen.append("handled, not raised")
 
     progress = tmp_path / "progress.json"
