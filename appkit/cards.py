@@ -29,21 +29,32 @@ FOLD_COLUMNS = {
     "train_images": "training images", "val_images": "validation images", "minutes": "minutes to train",
     "l2": "L2 weight decay", "best_epoch": "best epoch",
     "inner_best_epochs": "inner models' best epochs",
+    "members": "members", "temperatures": "temperatures",
 }
 
 
 def fold_table(folds: list[dict[str, Any]]) -> pd.DataFrame:
     """The per-fold rows of a card's cross-validation with readable column names. Under a nested refit the
     member's epoch count is the inner models' (their best epochs in a column of their own), and the validation
-    AUC is that of the inner models on their pooled parts (the page's caption quotes the card's protocol)."""
+    AUC is that of the inner models on their pooled parts (the page's caption quotes the card's protocol). A fold
+    of several members (`Recipe.members_per_fold`) lists each member's figure, in seed order, in one cell."""
     table = pd.DataFrame(folds)
     table = table[[c for c in table.columns if c in FOLD_COLUMNS]]
     refit = "inner_best_epochs" in table.columns
-    if refit:
-        table["inner_best_epochs"] = table["inner_best_epochs"].map(
-            lambda e: " ".join(str(x) for x in e) if isinstance(e, list) else "")
+    for column in table.columns:
+        if table[column].map(lambda v: isinstance(v, list)).any():
+            table[column] = table[column].map(lambda v: " ".join(_cell(x) for x in v) if isinstance(v, list) else _cell(v))
     names = {**FOLD_COLUMNS, **({"best_epoch": "epochs (refit)"} if refit else {})}
     return table.rename(columns=names)
+
+
+def _cell(value: Any) -> str:
+    """One figure of a list cell: a list of inner best epochs nested in a bagged fold is shown as a/b."""
+    if isinstance(value, list):
+        return "/".join(_cell(x) for x in value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return format(value, ".2f") if isinstance(value, float) else str(value)
 
 
 def _num(value: Any) -> float | None:

@@ -279,6 +279,51 @@ def test_nested_refit_trains_the_member_on_the_whole_training_side(tiny):
     assert config.recipe is None and results["validation"].startswith("nested refit: ")
 
 
+def test_members_per_fold_average_their_own_calibrated_probabilities(tiny):
+    """`Recipe.members_per_fold`: each fold trains its members with their own seeds (member 0 keeps a one-member
+    run's), calibrates each on its own validation part, and scores the test fold with the mean of their
+    calibrated probabilities; the row lists every member's temperature and facts in seed order."""
+    from mammo_core.evaluation.calibration import apply_temperature, fit_temperature
+
+    seen = []
+
+    def scores(labels, sharp):  # one in three ranked the wrong way, so each temperature is a finite fit
+        signs = np.resize([1.0, 1.0, -1.0], len(labels))
+        return 0.5 + sharp * (labels - 0.5) * signs
+
+    class Bagger:
+        members_per_fold = 2
+
+        def __call__(self, train, val, test, seed):
+            seen.append(seed)
+            sharp = 0.8 if seed < cv.MEMBER_SEED_STRIDE else 0.4  # the two members differ
+            return {"val": scores(val["label"].to_numpy(), sharp), "val_frame": val,
+                    "test": test["label"].to_numpy() * 0.5 + 0.25, "trained_images": len(train),
+                    "info": {"best_epoch": 1 + seed // cv.MEMBER_SEED_STRIDE}}
+
+        def budget(self):
+            return {}
+
+    config = cv.CVConfig(data_dir=str(tiny), architecture="paper-cnn", k=3)
+    frame = datasets.scan_dataset(tiny).reset_index(drop=True)
+    results, oof = cv.run_folds(config, frame, Bagger(), log=lambda m: None)
+    assert seen == [0, cv.MEMBER_SEED_STRIDE, 1, 1 + cv.MEMBER_SEED_STRIDE, 2, 2 + cv.MEMBER_SEED_STRIDE]
+    folds, val_masks = fold_assignment(frame, k=3, seed=0, group_by="source")
+    for f, row in enumerate(results["folds"]):
+        val_labels = frame["label"][val_masks[f]].to_numpy()
+        temps = [fit_temperature(val_labels, scores(val_labels, sharp)) for sharp in (0.8, 0.4)]
+        assert row["temperatures"] == pytest.approx(temps, rel=1e-5) and temps[0] != pytest.approx(temps[1], rel=1e-2)
+        assert "temperature" not in row and row["members"] == 2 and row["best_epoch"] == [1, 2]
+        test_labels = frame["label"][folds == f].to_numpy()
+        expected = np.mean([apply_temperature(test_labels * 0.5 + 0.25, t) for t in temps], axis=0)
+        assert oof["probability"][folds == f].to_numpy() == pytest.approx(expected, rel=1e-5)
+        assert oof["probability_uncalibrated"][folds == f].to_numpy() == pytest.approx(test_labels * 0.5 + 0.25)
+    assert results["validation"].startswith("2 members per fold")
+    with pytest.raises(ValueError, match="set members_per_fold=1"):  # selection scores one member per part
+        cv.run_folds(cv.CVConfig(data_dir=str(tiny), architecture="paper-cnn", k=3, inner_only=True), frame,
+                     Bagger(), log=lambda m: None)
+
+
 def test_inner_parts_options_are_checked(tiny):
     with pytest.raises(ValueError, match="inner_parts > 1 is for recipe selection"):
         cv.CVConfig(data_dir=str(tiny), architecture="paper-cnn", inner_parts=2).validate()

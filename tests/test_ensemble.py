@@ -229,6 +229,34 @@ def test_nested_refit_ensemble_trains_members_on_every_training_group(tiny_datas
     assert pred.error is None and 0 <= pred.probability <= 1
 
 
+def test_bagged_ensemble_ships_every_member_of_every_fold(tiny_dataset, tmp_path_factory, sample_png):
+    """`members_per_fold=2`: k x 2 members in one model, a temperature each in member order, and a card that
+    says the out-of-fold figures average one fold's members."""
+    import os
+
+    from appkit import cards
+
+    os.environ.setdefault("MAMMO_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    config = TrainConfig(data_dir=str(tiny_dataset), name="tiny-ft-bag", architecture="efficientnet-lite0-ft",
+                         folds=2, recipe={**TINY_RECIPE, "refit_parts": 0, "members_per_fold": 2})
+    model_dir = train(config, root=tmp_path_factory.mktemp("bag-weights"), log=lambda m: None)
+    card = verify_model_dir(model_dir)
+    assert card["ensemble"]["members"] == 4 and card["ensemble"]["members_per_fold"] == 2
+    folds = card["cross_validation"]["folds"]
+    assert card["ensemble"]["temperatures"] == [t for fold in folds for t in fold["temperatures"]]
+    assert all(len(fold["best_epoch"]) == 2 for fold in folds)
+    assert "2 members per fold" in card["cross_validation"]["validation"]
+    assert "the 2 ensemble members" in card["evaluation"]["note"] and "differ in their seed" in card["ensemble"]["interval"]
+    predictor = Predictor.load(model_dir)
+    assert len(predictor.ensemble.temperatures) == 4
+    pred = predictor.score_one(sample_png, name="x.png", with_cam=True)
+    low, high = pred.probability_interval
+    assert pred.error is None and low <= pred.probability <= high and pred.heatmap.shape == (224, 224)
+    table = cards.fold_table(folds)  # the Metrics page's per-fold table shows both members' figures
+    assert table["best epoch"].str.split().map(len).tolist() == [2, 2]
+    assert table["temperatures"].str.split().map(len).tolist() == [2, 2]
+
+
 def test_metrics_fold_table_names_a_refits_columns():
     """Metrics' per-fold table: a refit's epoch count and pooled inner validation AUC are labelled as such."""
     from appkit import cards
@@ -247,6 +275,9 @@ def test_refit_epochs_and_recipe_field():
     with pytest.raises(ValueError, match=r"refit_parts must be in \[0, 4\], got 5"):
         finetune.Recipe(refit_parts=5).validate()
     assert finetune.Recipe.from_card({"cut": "block6a"}).refit_parts == 0  # cards before the field: no refit
+    with pytest.raises(ValueError, match=r"members_per_fold must be in \[1, 5\], got 0"):
+        finetune.Recipe(members_per_fold=0).validate()
+    assert finetune.Recipe.from_card({"cut": "block6a"}).members_per_fold == 1
 
 
 def test_sigterm_during_a_member_fit_is_raised_at_a_batch_boundary(monkeypatch):

@@ -31,6 +31,9 @@ from mammo_core.io.preprocessing import PREPROCESSING_ID
 from mammo_core.store.files import atomic_write_text, dumps
 
 CARD_KEYS = {"source": "cross_validation", "patient": "cross_validation_patient"}
+#: a fold's member s > 0 (`Recipe.members_per_fold`) trains with seed (seed + fold + 1000 x inner part) + s x stride:
+#: never a seed of another fold, inner part or member
+MEMBER_SEED_STRIDE = 10_000
 
 
 @dataclass
@@ -117,6 +120,10 @@ def run_folds(config: CVConfig, frame: pd.DataFrame, trainer: Any, *,
               log: Callable[[str], None] = print) -> tuple[dict[str, Any], pd.DataFrame]:
     """The fold loop of `run_cv` with a given trainer (the ensemble keeps the trainer's fold members)."""
     if config.inner_only:
+        if getattr(trainer, "members_per_fold", 1) > 1:
+            raise ValueError("members_per_fold > 1 trains several members per fold for the test folds and the shipped "
+                             "ensemble; recipe selection (inner_only) scores one member per validation part: "
+                             "set members_per_fold=1")
         return _run_inner_parts(config, frame, trainer, log=log)
     folds, val_masks = fold_assignment(frame, k=config.k, seed=config.seed, group_by=config.group_by)
     oof_uncal = np.full(len(frame), np.nan)
@@ -125,6 +132,7 @@ def run_folds(config: CVConfig, frame: pd.DataFrame, trainer: Any, *,
     seconds = []
     trained = 0
     refit = getattr(trainer, "refit_parts", 0)
+    bag = getattr(trainer, "members_per_fold", 1)
     inner_masks = [fold_assignment(frame, k=config.k, seed=config.seed, group_by=config.group_by, inner_part=p)[1]
                    for p in range(refit)]
     for f in range(config.k):
@@ -132,22 +140,26 @@ def run_folds(config: CVConfig, frame: pd.DataFrame, trainer: Any, *,
         train = frame[(folds != f) & ~val_masks[f]]
         check_disjoint({"train": train, "validation": val, "test": test}, config.group_by, f"fold {f}")
         t0 = time.time()
-        if refit:
-            # nested refit: the inner models are those (and have the seeds) of `_run_inner_parts`'s selection
-            train = frame[folds != f]
-            parts = [(frame[(folds != f) & ~masks[f]], frame[masks[f]]) for masks in inner_masks]
-            for p, (inner_train, inner_val) in enumerate(parts):
-                check_disjoint({"train": inner_train, "validation": inner_val, "test": test}, config.group_by,
-                               f"fold {f}, inner part {p}")
-            out = trainer.refit(parts, train, test, seeds=[config.seed + f + 1000 * p for p in range(refit)],
-                                seed=config.seed + f)
-            val = out["val_frame"]
-        else:
-            out = trainer(train, val, test, seed=config.seed + f)
+        outs = []
+        for s in range(bag):  # member 0 keeps the seeds of a one-member run, so its results are reproduced
+            offset = MEMBER_SEED_STRIDE * s
+            if refit:
+                # nested refit: the inner models are those (and have the seeds) of `_run_inner_parts`'s selection
+                train = frame[folds != f]
+                parts = [(frame[(folds != f) & ~masks[f]], frame[masks[f]]) for masks in inner_masks]
+                for p, (inner_train, inner_val) in enumerate(parts):
+                    check_disjoint({"train": inner_train, "validation": inner_val, "test": test}, config.group_by,
+                                   f"fold {f}, inner part {p}")
+                outs.append(trainer.refit(parts, train, test,
+                                          seeds=[config.seed + f + 1000 * p + offset for p in range(refit)],
+                                          seed=config.seed + f + offset))
+                val = outs[-1]["val_frame"]
+            else:
+                outs.append(trainer(train, val, test, seed=config.seed + f + offset))
         seconds.append(time.time() - t0)
-        trained += out["trained_images"]
-        row, test_cal = _test_fold_row(f, config, train, val, test, out, seconds[-1], log)
-        oof_uncal[test.index] = out["test"]
+        trained += sum(out["trained_images"] for out in outs)
+        row, test_cal = _test_fold_row(f, config, train, val, test, outs, seconds[-1], log)
+        oof_uncal[test.index] = np.mean([out["test"] for out in outs], axis=0)
         oof_cal[test.index] = test_cal
         fold_rows.append(row)
     oof = pd.DataFrame({"path": frame["path"], "group": frame["group"], "patient": frame["patient"],
@@ -157,7 +169,7 @@ def run_folds(config: CVConfig, frame: pd.DataFrame, trainer: Any, *,
     total = float(sum(seconds))
     budget.update({"minutes_per_fold": round(total / 60 / config.k, 2),
                    "train_images_per_second": round(trained / total, 1) if total else None})
-    return _results(config, frame, fold_rows, _pooled(config, oof), budget, refit), oof
+    return _results(config, frame, fold_rows, _pooled(config, oof), budget, refit, bag), oof
 
 
 def _group_column(config: CVConfig) -> str:
@@ -201,23 +213,34 @@ def _inner_fold_row(f: int, part: int, out: dict[str, Any], seconds: float,
 
 
 def _test_fold_row(f: int, config: CVConfig, train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame,
-                   out: dict[str, Any], seconds: float, log: Callable[[str], None]) -> tuple[dict[str, Any], np.ndarray]:
-    """Calibrate the fold's test probabilities with the temperature of its validation part and measure them.
+                   outs: list[dict[str, Any]], seconds: float, log: Callable[[str], None]) -> tuple[dict[str, Any], np.ndarray]:
+    """Calibrate each of the fold's members with the temperature of its own validation part, average their
+    calibrated test probabilities (the shipped ensemble's rule) and measure the result.
 
-    Returns (the fold's row of the results, the calibrated test probabilities).
+    Returns (the fold's row of the results, the calibrated test probabilities). A fold of one member keeps the
+    row's earlier shape (one `temperature`); a bagged fold lists `temperatures` and each member's facts.
     """
-    val_labels = out["val_frame"]["label"].to_numpy()
-    temperature = fit_temperature(val_labels, out["val"])
-    test_cal = apply_temperature(out["test"], temperature)
+    temperatures, calibrated, val_aucs = [], [], []
+    for out in outs:
+        val_labels = out["val_frame"]["label"].to_numpy()
+        temperatures.append(fit_temperature(val_labels, out["val"]))
+        calibrated.append(apply_temperature(out["test"], temperatures[-1]))
+        val_aucs.append(auc_score(val_labels, out["val"]))
+    test_cal = np.mean(calibrated, axis=0)
     m = point_metrics(test["label"].to_numpy(), test_cal, config.threshold)
+    if len(outs) == 1:
+        per_member = {"temperature": temperatures[0], **outs[0]["info"]}
+    else:
+        per_member = {"temperatures": temperatures, "members": len(outs),
+                      **{key: [out["info"][key] for out in outs] for key in outs[0]["info"]}}
     row = {"fold": f, **m, "n_images": int(len(test)), "n_groups": int(test[_group_column(config)].nunique()),
            "n_source_images": int(test["group"].nunique()), "n_patients": int(test["patient"].nunique()),
-           "val_auc": auc_score(val_labels, out["val"]), "temperature": temperature,
-           "train_images": int(len(train)), "val_images": int(len(val)),
-           "minutes": round(seconds / 60, 2), **out["info"]}
+           "val_auc": float(np.mean(val_aucs)), "train_images": int(len(train)), "val_images": int(len(val)),
+           "minutes": round(seconds / 60, 2), **per_member}
     log(f"fold {f}: test AUC {m['auc']:.3f}, acc {m['accuracy']:.3f}, sens {m['sensitivity']:.3f}, "
         f"spec {m['specificity']:.3f} ({len(test)} images, {row['n_groups']} groups); "
-        f"validation AUC {row['val_auc']:.3f}; {seconds:.0f} s")
+        f"validation AUC {row['val_auc']:.3f}" + (f" (mean of {len(outs)} members)" if len(outs) > 1 else "")
+        + f"; {seconds:.0f} s")
     return row, test_cal
 
 
@@ -238,7 +261,7 @@ def _pooled(config: CVConfig, oof: pd.DataFrame) -> dict[str, Any]:
 
 
 def _results(config: CVConfig, frame: pd.DataFrame, fold_rows: list[dict[str, Any]], pooled: dict[str, Any],
-             budget: dict[str, Any], refit: int = 0) -> dict[str, Any]:
+             budget: dict[str, Any], refit: int = 0, bag: int = 1) -> dict[str, Any]:
     """The results dict, in the shape a model card stores (`store_in_card`)."""
     return {
         "protocol": protocol_text(config.k, config.group_by),
@@ -247,7 +270,7 @@ def _results(config: CVConfig, frame: pd.DataFrame, fold_rows: list[dict[str, An
         "seed": config.seed,
         "architecture": config.architecture,
         "training": budget,
-        "validation": _validation_text(refit),
+        "validation": _validation_text(refit, bag),
         "threshold": f"{config.threshold} on the temperature-calibrated probability (the card's default threshold)",
         "confidence_intervals": f"95 % percentile cluster bootstrap, {config.n_boot} resamples of "
                                 f"{'source images' if config.group_by == 'source' else 'patients'} (all copies of a drawn group)",
@@ -261,9 +284,14 @@ def _results(config: CVConfig, frame: pd.DataFrame, fold_rows: list[dict[str, An
     }
 
 
-def _validation_text(refit: int) -> str:
+def _validation_text(refit: int, bag: int = 1) -> str:
     """How the validation parts were used, in the card's words: plain, or the nested refit of `refit` inner
-    models that the trainer ran (its recipe's, which may be `Recipe()`'s default when the config names none)."""
+    models that the trainer ran (its recipe's, which may be `Recipe()`'s default when the config names none);
+    with `bag` members per fold, each member does so with its own seed."""
+    if bag > 1:
+        return (f"{bag} members per fold, differing only in their seed (initialisation, the copies drawn, and the "
+                "validation copies); for each of them: " + _validation_text(refit) + "; the fold's test probability "
+                "is the mean of its members' calibrated probabilities")
     if refit:
         return (f"nested refit: inside each training fold, {refit} of its {INNER_VAL_FOLDS} inner folds (25 % of its "
                 "groups each, stratified) serve in turn as the validation part of an inner model, which early-stops "

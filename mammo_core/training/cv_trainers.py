@@ -176,11 +176,18 @@ class FineTuneTrainer:
                           if not self.recipe.refit_parts else
                           f"nested refit: {self.recipe.refit_parts} inner model(s) per fold, each early-stopped on "
                           "the best validation AUC of one inner fold of the training side; the member is trained "
-                          "on the whole training side for the median of their best epochs, rounded up"),
+                          "on the whole training side for the median of their best epochs, rounded up")
+                         + (f"; {self.recipe.members_per_fold} members per fold, each with its own seed"
+                            if self.recipe.members_per_fold > 1 else ""),
             "copies_per_source": self.recipe.copies_per_source,
             "feature_extraction_seconds": round(self.extraction_seconds, 1) if self.extraction_seconds else None,
             "feature_extraction_images_per_second": round(n / self.extraction_seconds, 1) if self.extraction_seconds else None,
         }
+
+    @property
+    def members_per_fold(self) -> int:
+        """How many members each fold trains (`Recipe.members_per_fold`), each with its own seed."""
+        return self.recipe.members_per_fold
 
     @property
     def refit_parts(self) -> int:

@@ -94,7 +94,9 @@ def _card(config: Any, model: Any, frame: pd.DataFrame, recipe: Any, trainer: An
     """The ensemble's model card (without `model_sha256`): cross-validation, ensemble, OOD and calibration facts."""
     from mammo_core.training import finetune
 
-    temperatures = [float(row["temperature"]) for row in results["folds"]]
+    # in member order: fold by fold, a bagged fold's members in seed order (`training.cv.run_folds`)
+    temperatures = [float(t) for row in results["folds"] for t in row.get("temperatures", [row.get("temperature")])]
+    bag = recipe.members_per_fold
     held_out = ood["held_out"]
     metrics = compute_metrics(table["label"], table["probability"], threshold=DEFAULT_THRESHOLD)
     points = operating_points(table["label"], table["probability"])
@@ -105,9 +107,10 @@ def _card(config: Any, model: Any, frame: pd.DataFrame, recipe: Any, trainer: An
         **card_head(config, model, frame),
         "split": {"protocol": "cross-validation", "group_by": config.group_by, "seed": config.seed, "k": config.folds},
         "training": {**results["training"], "seed": config.seed},
-        "ensemble": {"members": len(trainer.members), "temperatures": temperatures,
+        "ensemble": {"members": len(trainer.members), "members_per_fold": bag, "temperatures": temperatures,
                      "probability": "mean of the members' temperature-calibrated probabilities",
-                     "interval": INTERVAL_TEXT, "gradcam": "Grad-CAM of the mean of the members' logits, on the "
+                     "interval": INTERVAL_TEXT + (f"; here {bag} members per fold, so members of one fold share its "
+                                                  "training source images and differ in their seed" if bag > 1 else ""), "gradcam": "Grad-CAM of the mean of the members' logits, on the "
                      f"shared trunk output ({'x'.join(str(d) for d in trainer.activations.shape[1:3])})"},
         "ood": {"feature": f"global average of the trunk output ({finetune.trunk_layer(recipe.cut, recipe.backbone)}, "
                            f"{ood['channels']} channels)",
@@ -127,9 +130,14 @@ def _card(config: Any, model: Any, frame: pd.DataFrame, recipe: Any, trainer: An
                         "brier_oof_before": brier(table["label"], table[UNCALIBRATED_COLUMN]),
                         "brier_oof_after": brier(table["label"], table["probability"])},
         "operating_points": points,
-        "evaluation": {"note": f"Out-of-fold: every image was scored by the ensemble member that never saw its "
-                               f"{unit}; the shipped ensemble averages all members, so these numbers describe "
-                               f"the recipe, one member at a time."},
+        "evaluation": {"note": (f"Out-of-fold: every image was scored by the ensemble member that never saw its "
+                                f"{unit}; the shipped ensemble averages all members, so these numbers describe "
+                                f"the recipe, one member at a time." if bag == 1 else
+                                f"Out-of-fold: every image was scored by the {bag} ensemble members (one fold's, "
+                                f"differing in their seed) that never saw its {unit}, their calibrated "
+                                f"probabilities averaged; the shipped ensemble averages all "
+                                f"{len(trainer.members)} members, so these numbers describe the recipe, "
+                                f"{bag} members at a time.")},
         "metrics": {"test": metrics},
         "cross_validation" if config.group_by == "source" else "cross_validation_patient":
             {k: v for k, v in results.items() if k != "config"},

@@ -35,6 +35,8 @@ from mammo_core.data.splits import INNER_VAL_FOLDS
 CUTS: tuple[str, ...] = ("stem", "block5a", "block6a", "block7a")
 TRUNK_NAME, MEMBERS_NAME, OOD_LAYER = "trunk", "members", "ood_whiten"
 ARCHITECTURE = "efficientnet-lite0-ft"
+#: more members per fold than this would make the shipped ensemble slow to score for little gain
+MAX_MEMBERS_PER_FOLD = 5
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,11 @@ class Recipe:
     #: validation logits for the temperature; the member is then trained on the *whole* training side for that
     #: many epochs (`training.cv.run_folds`). N+1 trainings per member.
     refit_parts: int = 2
+    #: members trained per fold, differing only in their seed (initialisation, copies drawn, validation copies);
+    #: each is calibrated on its own validation part, and the fold's test probability is the mean of their
+    #: calibrated probabilities (the shipped ensemble's rule). The shipped ensemble holds k x N members, so
+    #: the upper parts cost N times as much to score; the trunk still runs once.
+    members_per_fold: int = 1
 
     def validate(self) -> None:
         from mammo_core.models.efficientnet_lite import VARIANTS
@@ -77,6 +84,8 @@ class Recipe:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         if not 0 < self.learning_rate < 1:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
+        if not 1 <= self.members_per_fold <= MAX_MEMBERS_PER_FOLD:
+            raise ValueError(f"members_per_fold must be in [1, {MAX_MEMBERS_PER_FOLD}], got {self.members_per_fold}")
         if not 0 <= self.refit_parts <= INNER_VAL_FOLDS:
             raise ValueError(f"refit_parts must be in [0, {INNER_VAL_FOLDS}], got {self.refit_parts}")
         if not 0 <= self.dropout < 1:
@@ -94,7 +103,8 @@ class Recipe:
 
 
 #: Recipe fields added after the first cards were written, with the value those cards' models were trained with.
-FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {"input_scale": 1.0, "backbone": "lite0", "refit_parts": 0}
+FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {"input_scale": 1.0, "backbone": "lite0", "refit_parts": 0,
+                                              "members_per_fold": 1}
 
 
 def refit_epochs(best_epochs: Sequence[int]) -> int:
