@@ -35,7 +35,7 @@ from mammo_core.data.datasets import default_patient_map, load_patient_map  # no
 from mammo_core.data.pipeline import load_images  # noqa: E402
 from mammo_core.evaluation.bootstrap import cluster_bootstrap, paired_auc_difference, point_metrics  # noqa: E402
 from mammo_core.evaluation.metrics import auc  # noqa: E402
-from mammo_core.inference.ensemble import DIHEDRAL8, EnsembleScorer  # noqa: E402
+from mammo_core.inference.ensemble import DIHEDRAL8, EnsembleScorer, out_of_fold  # noqa: E402
 from mammo_core.store.card import edit_card  # noqa: E402
 from mammo_core.store.registry import load_model  # noqa: E402
 
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     scored_s = time.time() - t0
 
     y, groups = table["label"].to_numpy(), table["group"].to_numpy()
-    rows, folds = np.arange(len(table)), table["fold"].to_numpy()
-    oof = {tta: members[tta][rows, folds] for tta in ARMS}
+    bag = int((card.get("ensemble") or {}).get("members_per_fold", 1))
+    oof = {tta: out_of_fold(members[tta], table["fold"].to_numpy(), bag) for tta in ARMS}
     result = {
         "model": card.get("name") or args.model.name, "model_sha256": card.get("model_sha256"),
         "data": "$MAMMO_DATA_DIR", "limit": args.limit, "views": list(DIHEDRAL8),

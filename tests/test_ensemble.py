@@ -257,6 +257,19 @@ def test_bagged_ensemble_ships_every_member_of_every_fold(tiny_dataset, tmp_path
     assert table["temperatures"].str.split().map(len).tolist() == [2, 2]
 
 
+def test_out_of_fold_averages_the_members_of_each_images_fold():
+    from mammo_core.inference.ensemble import out_of_fold
+
+    members = np.array([[0.1, 0.3, 0.9, 0.7, 0.5, 0.5],   # 3 folds x 2 members, fold by fold
+                        [0.2, 0.4, 0.6, 0.8, 0.0, 1.0]])
+    np.testing.assert_allclose(out_of_fold(members, [1, 0], members_per_fold=2), [0.8, 0.3])
+    np.testing.assert_allclose(out_of_fold(members, [5, 2]), [0.5, 0.6])  # one member per fold: its own column
+    with pytest.raises(ValueError, match="4 per fold"):
+        out_of_fold(members, [0, 0], members_per_fold=4)
+    with pytest.raises(ValueError, match="0..2"):
+        out_of_fold(members, [3, 0], members_per_fold=2)
+
+
 def test_metrics_fold_table_names_a_refits_columns():
     """Metrics' per-fold table: a refit's epoch count and pooled inner validation AUC are labelled as such."""
     from appkit import cards

@@ -53,6 +53,24 @@ def check_tta(tta: str | None) -> str:
     return tta
 
 
+def out_of_fold(members: np.ndarray, folds: np.ndarray, members_per_fold: int = 1) -> np.ndarray:
+    """Each image's out-of-fold probability from all the members' probabilities: (N, k x members_per_fold)
+    member probabilities and the (N,) fold of each image -> (N,) mean over the members of the image's fold,
+    the ones that never trained on its group. Members are in the ensemble's order, fold by fold (a bagged
+    fold's members together, `training.cv.run_folds`); the card's `ensemble.members_per_fold` gives the bag."""
+    members = np.asarray(members)
+    folds = np.asarray(folds, dtype=int)
+    bag = int(members_per_fold)
+    if bag < 1 or members.ndim != 2 or members.shape[1] % bag:
+        raise ValueError(f"{members.shape[1] if members.ndim == 2 else members.shape} members cannot be "
+                         f"{members_per_fold} per fold")
+    k = members.shape[1] // bag
+    if folds.size and (folds.min() < 0 or folds.max() >= k):
+        raise ValueError(f"fold numbers must be 0..{k - 1}, got {folds.min()}..{folds.max()}")
+    by_fold = members.reshape(len(members), k, bag).mean(axis=2)
+    return by_fold[np.arange(len(members)), folds]
+
+
 def dihedral_views(images: Any) -> Any:
     """(N, H, W, C) tensor -> (8N, H, W, C): the `DIHEDRAL8` views stacked view by view (the first N rows are
     the images themselves). Images must be square."""
