@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pandas as pd
 
-from mammo_core.data.datasets import scan_dataset
+from mammo_core.data.datasets import patient_map_for, scan_dataset
 from mammo_core.training.cv import CVConfig, run_folds
 from mammo_core.training.cv_trainers import make_trainer
 from mammo_core.training.finetune import Recipe
@@ -76,7 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     data = os.environ.get("MAMMO_DATA_DIR", "../shared/data/augmented-inbreast")
     config = CVConfig(data_dir=data, architecture="efficientnet-lite0-ft", k=5, group_by=args.group_by,
-                      preprocessing="breast-crop-v1", recipe=RECIPE_I)
+                      patient_map=patient_map_for(Path(data), args.group_by, None), preprocessing="breast-crop-v1", recipe=RECIPE_I)
     config.validate()
     frame = scan_dataset(config.data_dir, patient_map=config.patient_map).reset_index(drop=True)
     trainer = make_trainer(frame, config, print)
