@@ -98,6 +98,7 @@ def main() -> None:
             print("RESULT", json.dumps(row), flush=True)
             with OUT.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
+            Path("cv-results").mkdir(exist_ok=True)
             oof.to_csv(Path("cv-results") / f"learning-curve-{args.group_by}-{fraction:g}-{repeat}.csv", index=False)
     trainer.members.clear()
 
