@@ -616,6 +616,15 @@ def plain(text: Any) -> str:
     return "\\" + text if text[:1] in ("-", "+", "=") else text
 
 
+def upload_name(name: str) -> str:
+    """An uploaded file's name as the app shows it, exports it (worklist CSV) and logs it: patient
+    identifiers masked (`mammo_core.store.audit.mask_file_name`: digit runs and name-like letter runs), unless
+    the site keeps file names (`MAMMO_AUDIT_KEEP_FILE_NAMES=1`, the audit log's own switch)."""
+    from mammo_core.store.audit import keep_file_names_default, mask_file_name
+
+    return name if keep_file_names_default() else mask_file_name(name)
+
+
 def plain_label(text: Any) -> str:
     """Widget option labels are plain text already; only collapse whitespace."""
     return " ".join(str(text).split())

@@ -7,6 +7,10 @@ dropped and the uploader emptied (a new widget key, drawn in the old one's place
 session keeps display-size predictions per (file sha256, model): the worklist, so moving the threshold
 or the opacity never re-runs the model. The uploader takes any file: whether it is an image the model
 can read is for `mammo_core.imaging` to say, with its message.
+
+File names can carry patient identifiers (`Smith^Anna_12345.dcm`), so the page never shows them as given:
+each image is labelled by its number in the session and its name masked as the audit log masks it
+(`shared.upload_name`); the worklist CSV and the audit log carry the same masked name.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ shared.setup("Review")
 CACHE_KEY = "review_predictions"  # (file sha256, model) -> display-size Prediction: the session's worklist
 CACHE_LIMIT = 48  # predictions kept; the oldest go first, the batch just uploaded never
 UPLOADER_GEN = "review_uploader_gen"  # part of the uploader's key: a new key is an empty uploader
-FAILED_KEY = "review_failed"  # [(file name, reason)] of the last upload that could not be scored
+FAILED_KEY = "review_failed"  # [(label, reason)] of the last upload that could not be scored
+NUMBER_KEY = "review_numbers"  # file sha256 -> its number in this session: with masked names, what tells images apart
 KNOWN_KEY = "review_known"  # how many files of the last upload were already in the worklist
 PANELS_CAPTION = ("Left: the original with the breast the model found. Middle: the model's own input (cropped, "
                   "chest wall to the left, intensities normalised). Right: Grad-CAM drawn back onto the original. ")
@@ -51,6 +56,9 @@ def score_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[str
     cache: OrderedDict = st.session_state.setdefault(CACHE_KEY, OrderedDict())
     model_key = _model_key(predictor)
     keys = [(hashlib.sha256(data).hexdigest(), model_key) for _, data in uploads]
+    numbers: dict = st.session_state.setdefault(NUMBER_KEY, {})
+    for sha, _ in keys:
+        numbers.setdefault(sha, len(numbers) + 1)
     todo = [(i, key) for i, key in enumerate(keys) if key not in cache]
     st.session_state[KNOWN_KEY] = len({key for key in keys if key in cache})
     fresh: dict = {}
@@ -79,25 +87,34 @@ def score_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[str
     return [(name, fresh.get(key) or cache[key]) for (name, _), key in zip(uploads, keys)]
 
 
+def label(sha256: str | None, name: str) -> str:
+    """How the page, the worklist and its CSV name an uploaded image: its number in the session and its
+    (masked) file name."""
+    number = (st.session_state.get(NUMBER_KEY) or {}).get(sha256)
+    return f"{number} · {name}" if number else name
+
+
 def add_uploads(predictor, uploads: list[Any]) -> None:
     """Score the uploaded files into the worklist, note the unreadable ones, then free the files' bytes
     and move to a new uploader key (the caller draws the empty uploader in the old one's place)."""
-    results = score_uploads(predictor, [(f.name, f.getvalue()) for f in uploads])
-    st.session_state[FAILED_KEY] = [(name, pred.error.removeprefix(f"{name}: ")) for name, pred in results
+    named = [(shared.upload_name(f.name), f.getvalue()) for f in uploads]
+    results = score_uploads(predictor, named)
+    st.session_state[FAILED_KEY] = [(label(hashlib.sha256(data).hexdigest(), name), pred.error.removeprefix(f"{name}: "))
+                                    for (name, data), (_, pred) in zip(named, results)
                                     if pred.error is not None]  # the message already names the file
     shared.drop_uploaded_files(uploads)
     st.session_state[UPLOADER_GEN] = st.session_state.get(UPLOADER_GEN, 0) + 1
 
 
 def worklist_items(predictor) -> list[tuple[str, Any]]:
-    """The session's scored images for this model, oldest first: [(file name, prediction)]."""
+    """The session's scored images for this model, oldest first: [(label, prediction)]."""
     cache: OrderedDict = st.session_state.get(CACHE_KEY) or OrderedDict()
     model_key = _model_key(predictor)
     other = sum(1 for key in cache if key[1] != model_key)
     if other:
         st.caption(f"{other} image(s) of this session were scored with another model (or with the 8 views "
                    "switched the other way); upload them again to score them this way.")
-    return [(pred.name, pred) for key, pred in cache.items() if key[1] == model_key]
+    return [(label(pred.sha256, pred.name), pred) for key, pred in cache.items() if key[1] == model_key]
 
 
 @st.cache_resource(show_spinner=False)
@@ -349,7 +366,7 @@ def record_and_rows(predictor, scored: list[tuple[str, Any]], threshold: float, 
         row_id = record_in_audit(log, predictor, pred, threshold, decision)
         ok.append((fname, pred, decision, row_id))
         interval = getattr(pred, "probability_interval", None)
-        rows.append({"file": fname, "probability": round(pred.probability, 4),
+        rows.append({"image": fname, "probability": round(pred.probability, 4),
                      **({"members' range": f"{interval[0]:.3f}–{interval[1]:.3f}"} if interval else {}),
                      "decision": decision,
                      "check": "in distribution" if not pred.warnings else "⚠ " + pred.warnings[0].split(";")[0],
@@ -370,7 +387,7 @@ def worklist(ok: list[tuple[str, Any, str, Any]], rows: list[dict[str, Any]]) ->
                          mime="text/csv", key="worklist_csv")
     if right.button("Clear the worklist", key="worklist_clear", help="Forget this session's scored images "
                     "(the audit log keeps its records)."):
-        for key in (CACHE_KEY, FAILED_KEY, KNOWN_KEY):
+        for key in (CACHE_KEY, FAILED_KEY, KNOWN_KEY, NUMBER_KEY):
             st.session_state.pop(key, None)
         st.rerun()
     if len(ok) == 1:

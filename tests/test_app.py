@@ -31,7 +31,7 @@ def app_env(monkeypatch, tmp_path, tiny_dataset):
     (loopback address, no login configured)."""
     from streamlit import config as st_config
 
-    for name in ("MAMMO_AUTH_FILE", "MAMMO_NETWORK", "MAMMO_DATA_ROOTS"):
+    for name in ("MAMMO_AUTH_FILE", "MAMMO_NETWORK", "MAMMO_DATA_ROOTS", "MAMMO_AUDIT_KEEP_FILE_NAMES"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(st_config, "get_option", _loopback(st_config.get_option))
     monkeypatch.setenv("MAMMO_DATA_DIR", str(tiny_dataset))
@@ -149,10 +149,10 @@ def test_review_scores_uploads_and_threshold_does_not_rescore(app_env, tiny_weig
     traces = _json.loads(charts[0].proto.spec)["data"]
     assert [t["type"] for t in traces][:3] == ["image", "image", "image"]
     at.toggle(key="review_zoom").set_value(False).run()
-    assert any("broken.dcm" in e.value and "could not be scored" in e.value for e in at.error)
+    assert any("2 · broken.dcm could not be scored" in e.value for e in at.error)
     worklist = at.dataframe[0].value
-    assert list(worklist.columns) == ["file", "probability", "decision", "check", "threshold", "model"]
-    assert worklist["file"].tolist() == ["scan.png"] and worklist["model"].tolist() == ["tiny-grouped"]
+    assert list(worklist.columns) == ["image", "probability", "decision", "check", "threshold", "model"]
+    assert worklist["image"].tolist() == ["1 · scan.png"] and worklist["model"].tolist() == ["tiny-grouped"]
     assert calls == [2]
 
     slider = at.slider(key="threshold_widget::review::tiny-grouped")
@@ -222,11 +222,52 @@ def test_review_batch_worklist_is_sorted_by_probability(app_env, tiny_weights):
     at.file_uploader[0].set_value(files).run()
     no_exception(at)
     worklist = at.dataframe[0].value
-    assert sorted(worklist["file"]) == [f[0] for f in files]
+    # masked names (img#.png for all four): the session number tells them apart
+    assert sorted(worklist["image"]) == [f"{i + 1} · img#.png" for i in range(4)]
     assert worklist["probability"].is_monotonic_decreasing
-    top = worklist["file"].iloc[0]
+    top = worklist["image"].iloc[0]
     assert at.selectbox(key="review_pick").value is not None
-    assert at.subheader[-1].value == top  # the most suspicious image is shown first
+    from appkit.shared import plain
+
+    assert at.subheader[-1].value == plain(top)  # the most suspicious image is shown first (escaped Markdown)
+
+
+def _rendered(at) -> str:
+    """Every element the page sent to the browser, as text: its protobuf messages (tables included, as
+    their Arrow bytes), walked from the root."""
+    out, stack = [], [at._tree]
+    while stack:
+        node = stack.pop()
+        if getattr(node, "proto", None) is not None:
+            out.append(str(node.proto))
+        stack.extend(getattr(node, "children", {}).values())
+    return "\n".join(out)
+
+
+def test_review_never_shows_an_identifying_file_name(app_env, tiny_weights, sample_png, monkeypatch):
+    """A file name can carry the patient's name and ID: the page, the worklist (whose CSV is the same table),
+    error messages and the audit log get it masked, numbered in the session; a site that keeps file names
+    (MAMMO_AUDIT_KEEP_FILE_NAMES=1) sees them as given."""
+    from mammo_core.store.audit import AuditLog, default_audit_path
+
+    app_env(tiny_weights)
+    at = start("review")
+    at.file_uploader[0].set_value([("Smith^Anna_ID12345.png", sample_png, "image/png"),
+                                   ("Doe^Jane_98765.dcm", b"not an image", "application/dicom")]).run()
+    no_exception(at)
+    page = _rendered(at)
+    for secret in ("Smith", "Anna", "12345", "Doe", "Jane", "98765"):
+        assert secret not in page, f"{secret!r} reached the page"
+    assert at.dataframe[0].value["image"].tolist() == ["1 · ***^***_ID#.png"]
+    from appkit.shared import plain
+
+    assert any(f"{plain('2 · ***^***_#.dcm')} could not be scored" in e.value for e in at.error)
+    assert [r["file_name"] for r in AuditLog(default_audit_path()).recent()] == ["***^***_ID#.png"]
+
+    monkeypatch.setenv("MAMMO_AUDIT_KEEP_FILE_NAMES", "1")
+    at = start("review")
+    at.file_uploader[0].set_value([("Smith^Anna_ID12345.png", sample_png, "image/png")]).run()
+    assert at.dataframe[0].value["image"].tolist() == ["1 · Smith^Anna_ID12345.png"]
 
 
 def _chart_kinds(at) -> list[str]:

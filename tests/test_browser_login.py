@@ -1,6 +1,6 @@
 """Real-browser checks of a shared server: `streamlit run app.py` with a users file and MAMMO_NETWORK=1
 on a loopback port; headless Chromium (Playwright) signs in through the real login form as a reader,
-finds no Retrain link (and the page refuses a reader when its URL is opened directly), and uploads an image whose file name is Markdown: it must show as plain text
+finds no Retrain link (and the page refuses a reader when its URL is opened directly), and uploads an image whose file name is Markdown: it must show masked, numbered and as plain text
 (no link, no remote image), and the audit row must carry the user and a masked name. Skipped, with
 the reason, when Chromium or Playwright is missing."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from mammo_core.store.audit import AuditLog
+from mammo_core.store.audit import AuditLog, mask_file_name
 
 from .test_browser import CHROMIUM, streamlit_app
 
@@ -77,7 +77,7 @@ def test_reader_signs_in_and_file_names_render_as_plain_text(shared_server, samp
             page.set_input_files("[data-testid=stFileUploaderDropzoneInput]", [str(upload)])
             page.locator("[data-testid=stMetric]", has_text="Probability of malignancy").wait_for()
             heading = page.locator("[data-testid=stHeading]", has_text="scan").last
-            assert heading.inner_text().strip() == MARKUP_NAME
+            assert heading.inner_text().strip() == "1 · " + mask_file_name(MARKUP_NAME)  # numbered, masked, literal
             main = page.locator("[data-testid=stMain]")
             assert not main.locator("a[href*='evil.example']").count()
             assert not main.locator("img[src*='evil.example']").count()
