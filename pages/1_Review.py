@@ -50,7 +50,7 @@ def scored_by(predictor) -> str:
 
 
 def score_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[str, object]]:
-    """Predictions for (name, bytes) uploads, in order, scoring only what this session has not
+    """[(label, prediction)] for (name, bytes) uploads, in order, scoring only what this session has not
     scored with this model before; the readable ones join the session's worklist (the cache).
     Shows a progress bar for a multi-file batch."""
     cache: OrderedDict = st.session_state.setdefault(CACHE_KEY, OrderedDict())
@@ -84,7 +84,7 @@ def score_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[str
             break
         if key not in current:
             del cache[key]
-    return [(name, fresh.get(key) or cache[key]) for (name, _), key in zip(uploads, keys)]
+    return [(label(key[0], name), fresh.get(key) or cache[key]) for (name, _), key in zip(uploads, keys)]
 
 
 def label(sha256: str | None, name: str) -> str:
@@ -97,10 +97,8 @@ def label(sha256: str | None, name: str) -> str:
 def add_uploads(predictor, uploads: list[Any]) -> None:
     """Score the uploaded files into the worklist, note the unreadable ones, then free the files' bytes
     and move to a new uploader key (the caller draws the empty uploader in the old one's place)."""
-    named = [(shared.upload_name(f.name), f.getvalue()) for f in uploads]
-    results = score_uploads(predictor, named)
-    st.session_state[FAILED_KEY] = [(label(hashlib.sha256(data).hexdigest(), name), pred.error.removeprefix(f"{name}: "))
-                                    for (name, data), (_, pred) in zip(named, results)
+    results = score_uploads(predictor, [(shared.upload_name(f.name), f.getvalue()) for f in uploads])
+    st.session_state[FAILED_KEY] = [(shown, pred.error.removeprefix(f"{pred.name}: ")) for shown, pred in results
                                     if pred.error is not None]  # the message already names the file
     shared.drop_uploaded_files(uploads)
     st.session_state[UPLOADER_GEN] = st.session_state.get(UPLOADER_GEN, 0) + 1
